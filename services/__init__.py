@@ -1,0 +1,1 @@
+"""Hearth's services. Each subpackage is one process; services never import each other."""

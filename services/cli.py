@@ -1,0 +1,39 @@
+"""The ``hearth`` command line: one entry point for operators and developers.
+
+Subcommands live with the code they drive and are registered here: ``holder`` (a sample session
+holder), ``fanout`` (watch revocation fan-out), ``admin`` (operator commands), ``run`` (the local
+stack, same as ``make run``).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+
+@click.group()
+def main() -> None:
+    """Hearth: accounts, device linking and revocation fan-out for self-hosted media."""
+
+
+@main.command()
+@click.option("--run-dir", default=".run", show_default=True)
+def run(run_dir: str) -> None:
+    """Run infrastructure and every service in the foreground (Ctrl-C stops everything)."""
+    from deploy import launcher
+
+    raise SystemExit(launcher.main(["run", "--run-dir", run_dir]))
+
+
+# Subcommands whose modules exist are added; each module exposes a click command named ``command``.
+for _module in ("services.holder.cli", "services.fanout.cli", "services.admin.cli"):
+    try:
+        main.add_command(importlib.import_module(_module).command)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not _module.startswith(exc.name):
+            raise
+
+
+if __name__ == "__main__":
+    main()

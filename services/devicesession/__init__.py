@@ -1,0 +1,1 @@
+"""The devicesession service (skeleton: health, readiness, metrics and migrations; features come in its own issue)."""

@@ -1,0 +1,1 @@
+"""The notification service (skeleton: health, readiness, metrics and migrations; features come in its own issue)."""

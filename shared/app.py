@@ -1,0 +1,280 @@
+"""The aiohttp application factory every service uses.
+
+``base_app`` gives each service the same skeleton: request ids, JSON access logs, one error
+middleware, a client body size limit, ``/healthz`` (alive), ``/readyz`` (database, broker and
+consumers ready), Prometheus ``/metrics``. Resources are ``web.AppKey`` constants managed by
+``cleanup_ctx`` generators in the order settings -> pool -> producer -> outbox relay -> consumers;
+aiohttp runs cleanup in reverse, so consumers stop and commit before the producer and pool close.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+from aiohttp import web
+from aiokafka import AIOKafkaProducer
+from prometheus_client import CONTENT_TYPE_LATEST, Histogram, generate_latest
+
+from shared import db, kafka, logs, plex
+from shared.consumer import ConsumerRunner
+from shared.errors import HearthError, NotFound, PayloadTooLarge, ValidationFailed
+from shared.events import ALL_TOPICS
+from shared.outbox import OutboxRelay
+from shared.settings import CommonSettings
+
+log = logging.getLogger(__name__)
+
+SETTINGS = web.AppKey("settings", CommonSettings)
+POOL = web.AppKey("pool", asyncpg.Pool)
+PRODUCER = web.AppKey("producer", AIOKafkaProducer)
+RELAY = web.AppKey("relay", OutboxRelay)
+CONSUMERS = web.AppKey("consumers", list)
+READY_CHECKS = web.AppKey("ready_checks", list)
+HTML_ERRORS = web.AppKey("html_errors", object)
+
+HTTP_SECONDS = Histogram(
+    "hearth_http_request_seconds",
+    "HTTP request latency",
+    ["service", "route", "method", "status"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+ReadyCheck = Callable[[], Awaitable[bool]]
+
+
+def error_family(request: web.Request) -> str:
+    path = request.path
+    if path.startswith("/oauth/"):
+        return "oauth"
+    if path.startswith(("/api/", "/devices", "/pins")) or path.endswith((".xml", ".json")):
+        return "plex"
+    return "problem"
+
+
+def render_error(request: web.Request, err: HearthError) -> web.StreamResponse:
+    family = error_family(request)
+    if family == "plex":
+        return plex.error_response(request, err)
+    headers = {"Retry-After": str(err.retry_after)} if err.retry_after is not None else {}
+    if family == "oauth":
+        body: dict[str, Any] = {"error": err.code, "error_description": err.detail}
+        if err.status == 401:
+            headers["WWW-Authenticate"] = 'Basic realm="hearth"'
+        return web.Response(
+            body=orjson.dumps(body), status=err.status, content_type="application/json", headers=headers
+        )
+    problem: dict[str, Any] = {
+        "type": f"https://hearth.invalid/errors/{err.code}",
+        "title": err.title,
+        "status": err.status,
+        "detail": err.detail,
+        "code": err.code,
+    }
+    if err.field:
+        problem["field"] = err.field
+    if err.retry_after is not None:
+        problem["retry_after"] = err.retry_after
+    problem.update(err.extra)
+    return web.Response(
+        body=orjson.dumps(problem), status=err.status, content_type="application/problem+json", headers=headers
+    )
+
+
+def _from_http_exception(exc: web.HTTPException) -> HearthError:
+    if exc.status == 413:
+        return PayloadTooLarge()
+    if exc.status == 404:
+        return NotFound("no such resource", plex_code=1404)
+    if exc.status == 405:
+        return HearthError("method not allowed", status=405, code="method_not_allowed", plex_code=1405)
+    return HearthError(exc.reason, status=exc.status, code="http_error", plex_code=1000 + exc.status)
+
+
+@web.middleware
+async def request_context(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    rid = request.headers.get("X-Request-Id", "")
+    if not _REQUEST_ID.match(rid):
+        rid = uuid.uuid4().hex
+    token = logs.request_id.set(rid)
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await _handle_errors(request, handler)
+        status = response.status
+        response.headers["X-Request-Id"] = rid
+        return response
+    finally:
+        elapsed = time.perf_counter() - started
+        route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+        service = request.app[SETTINGS].service_name if SETTINGS in request.app else "hearth"
+        HTTP_SECONDS.labels(service, route, request.method, str(status)).observe(elapsed)
+        if route not in ("/metrics", "/healthz", "/readyz"):
+            # The path only: query strings can carry tokens (claim exchange, X-Plex-Token).
+            log.info(
+                "request",
+                extra={"method": request.method, "path": request.path[:200], "status": status,
+                       "ms": round(elapsed * 1000, 2)},
+            )
+        logs.request_id.reset(token)
+
+
+async def _handle_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    html = request.app.get(HTML_ERRORS)
+    try:
+        return await handler(request)
+    except HearthError as err:
+        if html is not None and error_family(request) == "problem":
+            return await html(request, err)  # type: ignore[no-any-return, operator]
+        return render_error(request, err)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        err = _from_http_exception(exc)
+        if html is not None and error_family(request) == "problem":
+            return await html(request, err)  # type: ignore[no-any-return, operator]
+        return render_error(request, err)
+    except (UnicodeDecodeError, ValueError) as exc:
+        # Malformed bodies that slipped through parsing: the client's fault, not ours.
+        log.info("malformed request", extra={"error": type(exc).__name__})
+        return render_error(request, ValidationFailed("the request could not be parsed"))
+    except Exception:
+        log.exception("unhandled error")
+        err = HearthError("internal error", status=500, code="internal_error", plex_code=1500)
+        return render_error(request, err)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok", "service": request.app[SETTINGS].service_name})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    failing = []
+    for name, check in request.app[READY_CHECKS]:
+        try:
+            ok = await check()
+        except Exception:
+            ok = False
+        if not ok:
+            failing.append(name)
+    status = 200 if not failing else 503
+    return web.json_response({"ready": not failing, "failing": failing}, status=status)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def base_app(settings: CommonSettings) -> web.Application:
+    """An application with the shared middlewares and operational routes, and no resources yet."""
+    app = web.Application(middlewares=[request_context], client_max_size=settings.client_max_size)
+    app[SETTINGS] = settings
+    app[READY_CHECKS] = []
+    app[CONSUMERS] = []
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+def add_ready_check(app: web.Application, name: str, check: ReadyCheck) -> None:
+    app[READY_CHECKS].append((name, check))
+
+
+# ---------------------------------------------------------------------------------------------
+# cleanup_ctx generators
+# ---------------------------------------------------------------------------------------------
+
+
+def pool_ctx(migrations: Sequence[tuple[str, Path]]) -> Callable[[web.Application], AsyncIterator[None]]:
+    """Create the service database if needed, open the pool, apply migrations."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        s = app[SETTINGS]
+        await db.ensure_database(s.db_url())
+        pool = await db.create_pool(s.db_url(), min_size=s.db_pool_min, max_size=s.db_pool_max)
+        await db.migrate(pool, migrations)
+        app[POOL] = pool
+
+        async def ping() -> bool:
+            async with pool.acquire(timeout=2) as conn:
+                return bool(await conn.fetchval("SELECT 1"))
+
+        add_ready_check(app, "database", ping)
+        yield
+        await pool.close()
+
+    return ctx
+
+
+async def producer_ctx(app: web.Application) -> AsyncIterator[None]:
+    s = app[SETTINGS]
+    await kafka.ensure_topics(
+        s.kafka_bootstrap_servers, [s.topic(t) for t in ALL_TOPICS], partitions=s.topic_partitions
+    )
+    producer = kafka.make_producer(s.kafka_bootstrap_servers, client_id=s.service_name)
+    await kafka.start_producer(producer)
+    app[PRODUCER] = producer
+
+    async def broker() -> bool:
+        return bool(await producer.client.fetch_all_metadata())
+
+    add_ready_check(app, "kafka", broker)
+    yield
+    await producer.stop()
+
+
+async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
+    s = app[SETTINGS]
+    relay = OutboxRelay(
+        s.db_url(), app[POOL], app[PRODUCER], service=s.service_name, poll_interval=s.outbox_poll_interval
+    )
+    relay.start()
+    app[RELAY] = relay
+    yield
+    await relay.stop()
+
+
+def consumer_ctx(
+    factory: Callable[[web.Application], ConsumerRunner],
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """Start a consumer built by ``factory`` once the pool and producer exist; stop it first."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        runner = factory(app)
+        await runner.start()
+        app[CONSUMERS].append(runner)
+
+        async def assigned() -> bool:
+            return runner.started.is_set()
+
+        add_ready_check(app, f"consumer:{runner.group}", assigned)
+        yield
+        await runner.stop()
+
+    return ctx
+
+
+def run(app: web.Application, settings: CommonSettings) -> None:
+    """Serve until SIGINT/SIGTERM; aiohttp then runs cleanup in reverse order."""
+    logs.setup(settings.service_name, settings.log_level)
+    web.run_app(
+        app,
+        host=settings.http_host,
+        port=settings.http_port,
+        access_log=None,
+        print=lambda *_: log.info("listening", extra={"port": settings.http_port}),
+        shutdown_timeout=10,
+    )

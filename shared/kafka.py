@@ -1,0 +1,77 @@
+"""Kafka producer wrapper and topic set-up (aiokafka).
+
+The producer is idempotent with ``acks=all``: a retried send cannot duplicate or reorder records
+within a partition, which the outbox relay relies on for per-key order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+
+from shared.events import Envelope
+
+log = logging.getLogger(__name__)
+
+
+def make_producer(bootstrap: str, *, client_id: str = "hearth") -> AIOKafkaProducer:
+    return AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        client_id=client_id,
+        enable_idempotence=True,
+        acks="all",
+        linger_ms=2,
+        request_timeout_ms=10_000,
+        retry_backoff_ms=200,
+        max_batch_size=256 * 1024,
+    )
+
+
+async def start_producer(producer: AIOKafkaProducer, *, attempts: int = 60) -> None:
+    """Start, retrying while the broker is not reachable yet (start order is not guaranteed)."""
+    for i in range(attempts):
+        try:
+            await producer.start()
+            return
+        except KafkaError as exc:
+            if i == attempts - 1:
+                raise
+            log.warning("kafka not reachable yet, retrying", extra={"error": str(exc)})
+            await asyncio.sleep(min(0.2 * (i + 1), 2.0))
+
+
+async def publish(producer: AIOKafkaProducer, topic: str, env: Envelope) -> None:
+    """Send one envelope and wait for the broker's acknowledgement."""
+    await producer.send_and_wait(topic, env.encode(), key=env.key.encode(), headers=env.headers())
+
+
+async def ensure_topics(bootstrap: str, topics: Iterable[str], *, partitions: int = 4) -> None:
+    """Create topics that do not exist yet. Idempotent; tolerates concurrent creators."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15_000)
+    for i in range(60):
+        try:
+            await admin.start()
+            break
+        except KafkaError:
+            if i == 59:
+                raise
+            await asyncio.sleep(0.5)
+    try:
+        existing = set(await admin.list_topics())
+        new = [
+            NewTopic(name=t, num_partitions=partitions, replication_factor=1)
+            for t in dict.fromkeys(topics)
+            if t not in existing
+        ]
+        if new:
+            try:
+                await admin.create_topics(new)
+            except TopicAlreadyExistsError:
+                pass
+    finally:
+        await admin.close()

@@ -1,0 +1,65 @@
+"""JSON logs with request and event ids.
+
+Ids travel in context variables, so every line logged while handling a request or an event carries
+them without passing them around. Nothing secret is ever put in a log record: callers log ids, not
+tokens, and :class:`RedactFilter` masks anything that looks like a bearer secret as a last line of
+defence.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import re
+import sys
+
+from pythonjsonlogger.json import JsonFormatter
+
+request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+event_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("event_id", default=None)
+
+_SECRETISH = re.compile(r"(?i)(token|password|secret|authorization)([\"'=: ]+)([^\s\"'&,]{6,})")
+
+
+class ContextFilter(logging.Filter):
+    def __init__(self, service: str) -> None:
+        super().__init__()
+        self.service = service
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.service = self.service
+        rid = request_id.get()
+        if rid:
+            record.request_id = rid
+        eid = event_id.get()
+        if eid:
+            record.event_id = eid
+        return True
+
+
+class RedactFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.args:
+            record.msg = record.getMessage()
+            record.args = None
+        if isinstance(record.msg, str):
+            record.msg = _SECRETISH.sub(r"\1\2[redacted]", record.msg)
+        return True
+
+
+def setup(service: str, level: str = "INFO") -> None:
+    """Configure the root logger to write one JSON object per line on stdout."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(
+        JsonFormatter(
+            "%(asctime)s %(levelname)s %(name)s %(message)s",
+            rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+        )
+    )
+    handler.addFilter(ContextFilter(service))
+    handler.addFilter(RedactFilter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for noisy in ("aiokafka", "aiohttp.access", "kafka"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,0 +1,195 @@
+"""Plex-compatible rendering and request parsing.
+
+- XML by default (python-plexapi parses every answer as XML), JSON when ``Accept`` contains
+  ``application/json`` or the path ends in ``.json``.
+- ``X-Plex-*`` values are read from headers, then the query string, then the form body
+  (python-plexauth posts them as form fields).
+- Booleans render as ``1``/``0`` in XML; request booleans parse case-insensitively.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+from multidict import MultiDict, MultiDictProxy
+
+from shared.errors import HearthError, ValidationFailed
+
+PLEX_HEADERS = (
+    "X-Plex-Client-Identifier",
+    "X-Plex-Product",
+    "X-Plex-Version",
+    "X-Plex-Platform",
+    "X-Plex-Platform-Version",
+    "X-Plex-Device",
+    "X-Plex-Device-Name",
+    "X-Plex-Model",
+    "X-Plex-Vendor",
+    "X-Plex-Provides",
+    "X-Plex-Token",
+)
+MAX_FIELD = 512
+
+
+def wants_json(request: web.Request) -> bool:
+    return request.path.endswith(".json") or "application/json" in request.headers.get("Accept", "")
+
+
+def parse_bool(value: str | None, default: bool = False) -> bool:
+    if value is None or value == "":
+        return default
+    v = value.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise ValidationFailed(f"not a boolean: {value[:20]!r}")
+
+
+async def form(request: web.Request) -> MultiDictProxy[str]:
+    """The request's form fields (urlencoded or multipart), or an empty mapping; cached."""
+    cached = request.get("_hearth_form")
+    if cached is not None:
+        return cached  # type: ignore[no-any-return]
+    data: MultiDictProxy[str]
+    if request.body_exists and request.content_type in (
+        "application/x-www-form-urlencoded",
+        "multipart/form-data",
+    ):
+        raw = await request.post()
+        data = MultiDictProxy(
+            MultiDict((k, v) for k, v in raw.items() if isinstance(v, str))
+        )
+    elif request.body_exists and request.content_type == "application/json":
+        try:
+            obj = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            raise ValidationFailed("the JSON body is malformed") from None
+        if not isinstance(obj, dict):
+            raise ValidationFailed("the JSON body must be an object")
+        data = MultiDictProxy(MultiDict((str(k), _scalar(v)) for k, v in obj.items() if v is not None))
+    else:
+        data = MultiDictProxy(MultiDict())
+    request["_hearth_form"] = data
+    return data
+
+
+def _scalar(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return v if isinstance(v, str) else orjson.dumps(v).decode()
+
+
+async def param(request: web.Request, name: str) -> str | None:
+    """A value from headers, then query, then form; stripped; ``None`` when absent or empty."""
+    value = request.headers.get(name)
+    if value is None:
+        value = request.query.get(name)
+    if value is None:
+        value = (await form(request)).get(name)
+    if value is None:
+        return None
+    value = value.strip()
+    if len(value) > MAX_FIELD:
+        raise ValidationFailed(f"{name} is too long", field=name)
+    return value or None
+
+
+async def field(request: web.Request, name: str, *, max_len: int = MAX_FIELD) -> str | None:
+    """A form (or query) field, for non-header values such as ``login`` or ``code``."""
+    value = (await form(request)).get(name)
+    if value is None:
+        value = request.query.get(name)
+    if value is None:
+        return None
+    if len(value) > max_len:
+        raise ValidationFailed(f"{name} is too long", field=name)
+    return value
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    """The device headers a Plex client sends."""
+
+    client_identifier: str | None
+    product: str | None
+    version: str | None
+    platform: str | None
+    platform_version: str | None
+    device: str | None
+    device_name: str | None
+    model: str | None
+    vendor: str | None
+    provides: str | None
+    token: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "token"}
+
+
+async def client_info(request: web.Request) -> ClientInfo:
+    values = [await param(request, h) for h in PLEX_HEADERS]
+    return ClientInfo(*values)
+
+
+def xml_bool(v: bool | None) -> str:
+    return "1" if v else "0"
+
+
+def _attr(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return xml_bool(v)
+    return str(v)
+
+
+def element(tag: str, attrs: Mapping[str, Any] | None = None, *children: ET.Element, text: str | None = None) -> ET.Element:
+    el = ET.Element(tag, {k: _attr(v) for k, v in (attrs or {}).items()})
+    for c in children:
+        el.append(c)
+    if text is not None:
+        el.text = text
+    return el
+
+
+def xml_bytes(root: ET.Element) -> bytes:
+    return b'<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="utf-8")
+
+
+def respond(
+    request: web.Request,
+    *,
+    xml: ET.Element | bytes | None,
+    json: Any,
+    status: int = 200,
+    headers: Mapping[str, str] | None = None,
+) -> web.Response:
+    """Render XML or JSON as the client asked."""
+    if wants_json(request):
+        return web.Response(
+            body=orjson.dumps(json), status=status, content_type="application/json", headers=headers
+        )
+    body = xml if isinstance(xml, bytes) else xml_bytes(xml) if xml is not None else b""
+    return web.Response(body=body, status=status, content_type="application/xml", headers=headers)
+
+
+def error_response(request: web.Request, err: HearthError) -> web.Response:
+    headers = {"Retry-After": str(err.retry_after)} if err.retry_after is not None else None
+    entry: dict[str, Any] = {"code": err.plex_code, "message": err.detail, "status": err.status}
+    if err.retry_after is not None:
+        entry["retryAfter"] = err.retry_after
+    if err.field:
+        entry["field"] = err.field
+    return respond(
+        request,
+        xml=element("errors", {}, element("error", entry)),
+        json={"errors": [entry]},
+        status=err.status,
+        headers=headers,
+    )
