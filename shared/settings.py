@@ -51,6 +51,8 @@ class CommonSettings(BaseSettings):
     internal_api_secret: SecretStr
     # HMAC key for tokens and one-time codes at rest (urlsafe base64, >= 32 bytes).
     token_hmac_key: SecretStr
+    # Master secret from which each holder's introspection credential is derived (shared.holder).
+    holder_secret: SecretStr
     public_base_url: str = "http://127.0.0.1:8080"
     devicesession_url: str = "http://127.0.0.1:8102"
     auth_url: str = "http://127.0.0.1:8101"

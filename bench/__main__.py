@@ -1,0 +1,67 @@
+"""python -m bench [NAME ...]: start the stack on free ports, run the benchmarks, print a table."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import os
+import platform
+import shutil
+import time
+import traceback
+import uuid
+from pathlib import Path
+
+from bench.common import Row, table
+from deploy.launcher import ROOT, Stack
+
+# Benchmark modules, in the order they run. Each exposes NAME and `async def run(stack)`.
+MODULES = ["bench.backbone", "bench.signin", "bench.fanout", "bench.linkcode", "bench.notification",
+           "bench.breach"]
+
+
+def available() -> list[str]:
+    return [m for m in MODULES if (ROOT / (m.replace(".", "/") + ".py")).exists()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("names", nargs="*", help="benchmarks to run (default: all), e.g. backbone signin")
+    parser.add_argument("--keep", action="store_true", help="keep the run directory")
+    args = parser.parse_args()
+    mods = [m for m in available() if not args.names or m.split(".")[1] in args.names]
+    run_dir = ROOT / ".run" / f"bench-{uuid.uuid4().hex[:6]}"
+    holders = tuple(f"h{i:02d}" for i in range(20)) if (ROOT / "services/holder/cli.py").exists() else ()
+    stack = Stack(run_dir, console=False, fixed_ports=False, holders=holders, topic_prefix="bench.",
+                  extra_env={"LOG_LEVEL": "WARNING", "DB_NAME_PREFIX": "bench_"})
+    print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    started = time.monotonic()
+    stack.start()
+    print(f"stack up in {time.monotonic() - started:.1f}s ({len(holders)} sample holders)")
+    rows: list[Row] = []
+    try:
+        for name in mods:
+            module = importlib.import_module(name)
+            print(f"running {module.NAME} ...", flush=True)
+            t0 = time.monotonic()
+            try:
+                rows += asyncio.run(module.run(stack))
+            except Exception:
+                traceback.print_exc()
+                rows.append(Row(module.NAME, "FAILED (see above)", float("nan"), ""))
+            print(f"  {module.NAME} took {time.monotonic() - t0:.1f}s", flush=True)
+    finally:
+        stack.stop()
+        if not args.keep:
+            shutil.rmtree(run_dir, ignore_errors=True)
+    print()
+    print(table(rows))
+    out = ROOT / "artifacts" / "bench.txt"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(table(rows) + "\n")
+    print(f"\n(written to {Path(out).relative_to(ROOT)})")
+
+
+if __name__ == "__main__":
+    main()
