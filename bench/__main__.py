@@ -35,7 +35,8 @@ def main() -> None:
     holders = tuple(f"h{i:02d}" for i in range(20)) if (ROOT / "services/holder/cli.py").exists() else ()
     stack = Stack(run_dir, console=False, fixed_ports=False, holders=holders, topic_prefix="bench.",
                   extra_env={"LOG_LEVEL": "WARNING", "DB_NAME_PREFIX": "bench_"})
-    print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
+          f"Python {platform.python_version()}")
     started = time.monotonic()
     stack.start()
     print(f"stack up in {time.monotonic() - started:.1f}s ({len(holders)} sample holders)")

@@ -130,7 +130,8 @@ class Output:
                         sink.flush()
                         continue
                     text = _readable(raw.decode(errors="replace").rstrip("\n"))
-                    prefix = f"\x1b[{colour}m{name:<{self._width}}|\x1b[0m " if sys.stdout.isatty() else f"{name:<{self._width}}| "
+                    label = f"{name:<{self._width}}|"
+                    prefix = f"\x1b[{colour}m{label}\x1b[0m " if sys.stdout.isatty() else f"{label} "
                     sys.stdout.write(prefix + text + "\n")
                     sys.stdout.flush()
             finally:
@@ -427,7 +428,8 @@ class Stack:
             self.database_url = pg.url
         self.kafka_bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "")
         if not self.kafka_bootstrap:
-            kafka = Kafka(self.run_dir / "kafka" / "data", self.ports["kafka"], self.ports["kafka_controller"], self.out)
+            kafka = Kafka(self.run_dir / "kafka" / "data", self.ports["kafka"], self.ports["kafka_controller"],
+                          self.out)
             kafka.start()
             assert kafka.child
             self.children.append(kafka.child)

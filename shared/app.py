@@ -135,25 +135,22 @@ async def _handle_errors(
     html = request.app.get(HTML_ERRORS)
     try:
         return await handler(request)
-    except HearthError as err:
-        if html is not None and error_family(request) == "problem":
-            return await html(request, err)  # type: ignore[no-any-return, operator]
-        return render_error(request, err)
+    except HearthError as exc:
+        error = exc
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        err = _from_http_exception(exc)
-        if html is not None and error_family(request) == "problem":
-            return await html(request, err)  # type: ignore[no-any-return, operator]
-        return render_error(request, err)
+        error = _from_http_exception(exc)
     except (UnicodeDecodeError, ValueError) as exc:
         # Malformed bodies that slipped through parsing: the client's fault, not ours.
         log.info("malformed request", extra={"error": type(exc).__name__})
-        return render_error(request, ValidationFailed("the request could not be parsed"))
+        error = ValidationFailed("the request could not be parsed")
     except Exception:
         log.exception("unhandled error")
-        err = HearthError("internal error", status=500, code="internal_error", plex_code=1500)
-        return render_error(request, err)
+        error = HearthError("internal error", status=500, code="internal_error", plex_code=1500)
+    if html is not None and error_family(request) == "problem":
+        return await html(request, error)  # type: ignore[no-any-return, operator]
+    return render_error(request, error)
 
 
 async def healthz(request: web.Request) -> web.Response:

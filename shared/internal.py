@@ -8,7 +8,6 @@ re-raised from the callee's problem JSON so they propagate with their status and
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import aiohttp
@@ -69,5 +68,5 @@ class InternalClient:
                         retry_after=(data or {}).get("retry_after") if isinstance(data, dict) else None,
                     )
                 return data
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise Unavailable(f"{self.base_url} unreachable: {type(exc).__name__}") from exc

@@ -16,11 +16,15 @@ import asyncio
 import base64
 import hashlib
 import hmac
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -87,15 +91,15 @@ class Passwords:
         stale = self.hasher.check_needs_rehash(phc) or pid != self.current_pepper
         return VerifyResult(True, stale)
 
-    async def _run(self, fn, *args):  # type: ignore[no-untyped-def]
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         async with self.slots:
             return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     async def hash(self, password: str) -> str:
-        return await self._run(self._hash_sync, password, self.current_pepper)  # type: ignore[no-any-return]
+        return await self._run(self._hash_sync, password, self.current_pepper)
 
     async def verify(self, record: str, password: str) -> VerifyResult:
-        return await self._run(self._verify_sync, record, password)  # type: ignore[no-any-return]
+        return await self._run(self._verify_sync, record, password)
 
     async def verify_dummy(self, password: str) -> None:
         """Same cost as a real verify; used when the login is unknown."""

@@ -149,7 +149,9 @@ def _attr(v: Any) -> str:
     return str(v)
 
 
-def element(tag: str, attrs: Mapping[str, Any] | None = None, *children: ET.Element, text: str | None = None) -> ET.Element:
+def element(
+    tag: str, attrs: Mapping[str, Any] | None = None, *children: ET.Element, text: str | None = None
+) -> ET.Element:
     el = ET.Element(tag, {k: _attr(v) for k, v in (attrs or {}).items()})
     for c in children:
         el.append(c)
@@ -159,7 +161,8 @@ def element(tag: str, attrs: Mapping[str, Any] | None = None, *children: ET.Elem
 
 
 def xml_bytes(root: ET.Element) -> bytes:
-    return b'<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="utf-8")
+    body: bytes = ET.tostring(root, encoding="utf-8", xml_declaration=False)
+    return b'<?xml version="1.0" encoding="UTF-8"?>\n' + body
 
 
 def respond(
