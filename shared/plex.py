@@ -34,6 +34,7 @@ PLEX_HEADERS = (
     "X-Plex-Token",
 )
 MAX_FIELD = 512
+_FORM: web.RequestKey[MultiDictProxy[str]] = web.RequestKey("hearth_form", MultiDictProxy)
 
 
 def wants_json(request: web.Request) -> bool:
@@ -53,7 +54,7 @@ def parse_bool(value: str | None, default: bool = False) -> bool:
 
 async def form(request: web.Request) -> MultiDictProxy[str]:
     """The request's form fields (urlencoded or multipart), or an empty mapping; cached."""
-    cached = request.get("_hearth_form")
+    cached = request.get(_FORM)
     if cached is not None:
         return cached  # type: ignore[no-any-return]
     data: MultiDictProxy[str]
@@ -75,7 +76,7 @@ async def form(request: web.Request) -> MultiDictProxy[str]:
         data = MultiDictProxy(MultiDict((str(k), _scalar(v)) for k, v in obj.items() if v is not None))
     else:
         data = MultiDictProxy(MultiDict())
-    request["_hearth_form"] = data
+    request[_FORM] = data
     return data
 
 
