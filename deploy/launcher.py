@@ -76,7 +76,8 @@ def wait_port(port: int, timeout: float, what: str, proc: subprocess.Popen[bytes
 
 
 def render(template: Path, **values: Any) -> str:
-    return string.Template(template.read_text()).substitute({k: str(v) for k, v in values.items()})
+    # safe_substitute: nginx variables such as $host pass through untouched.
+    return string.Template(template.read_text()).safe_substitute({k: str(v) for k, v in values.items()})
 
 
 # ---------------------------------------------------------------------------------------------
