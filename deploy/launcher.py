@@ -502,7 +502,9 @@ class Stack:
         prefix.mkdir(parents=True, exist_ok=True)
         conf = prefix / "hearth.conf"
         conf.write_text(render(DEPLOY / "nginx" / "hearth.conf.template", prefix=prefix, edge_port=self.ports["edge"],
-                               **{f"{s}_port": self.ports[s] for s in SERVICES}))
+                               edge_listen="127.0.0.1",
+                               **{f"{s}_port": self.ports[s] for s in SERVICES},
+                               **{f"{s}_host": "127.0.0.1" for s in SERVICES}))
         user_line = "user root root;\n" if os.geteuid() == 0 else ""
         conf.write_text(user_line + conf.read_text())
         child = spawn("nginx", [nginx, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log"),
