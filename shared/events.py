@@ -213,6 +213,50 @@ class AccountResetRequired(Event):
     expires_at: str | None = None
 
 
+@dataclass(frozen=True)
+class ResetRequiredAccount:
+    """One account of an :class:`AccountsResetRequired` batch (a plain mapping on the wire)."""
+
+    account_id: str
+    email: str
+    username: str
+    sealed_token: str | None = None
+
+
+@register
+@dataclass(frozen=True)
+class AccountsResetRequired(Event):
+    """Batch form of ``account.reset_required`` written by the breach command (one event per batch
+    of accounts, key = incident id). ``accounts`` holds mappings with the fields of
+    :class:`ResetRequiredAccount`; each ``sealed_token`` is sealed with context = its account id."""
+
+    TYPE: ClassVar[str] = "accounts.reset_required"
+    incident_id: str
+    batch: int
+    reason: str
+    notify: bool
+    accounts: list[dict[str, Any]]
+    reset_url: str | None = None
+    expires_at: str | None = None
+
+
+@register
+@dataclass(frozen=True)
+class PasswordsChanged(Event):
+    """Batch form of ``password.changed`` for forced resets (cause ``forced``): devicesession revokes
+    every session of every listed account in one statement and publishes one ``sessions.revoked``
+    naming them in ``account_ids`` (key = incident id)."""
+
+    TYPE: ClassVar[str] = "passwords.changed"
+    incident_id: str
+    batch: int
+    account_ids: list[str]
+    cause: str = "forced"
+    revoke_sessions: bool = True
+    reason: str | None = None
+    changed_at: str | None = None
+
+
 # ---------------------------------------------------------------------------------------------
 # sessions.revoked / revocations.applied / devicesession.events
 # ---------------------------------------------------------------------------------------------
@@ -235,6 +279,9 @@ class SessionsRevoked(Event):
     cause: str
     causing_event_id: str | None = None
     all_sessions: bool = False
+    # Bulk revocations (forced resets): every session of each of these accounts issued before
+    # ``cutoff`` is revoked; holders evict by account. ``account_id`` is then the incident id.
+    account_ids: list[str] | None = None
 
 
 @register
