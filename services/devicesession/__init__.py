@@ -1,1 +1,15 @@
-"""The devicesession service (skeleton: health, readiness, metrics and migrations; features come in its own issue)."""
+"""devicesession: devices, sessions and tokens, and the start of the revocation fan-out.
+
+Endpoints (public on the edge): ``GET /devices.xml`` (``.json``), ``DELETE /devices/{id}.xml``,
+``GET /api/v2/resources``, ``POST /oauth/introspect`` (RFC 7662, holder credentials).
+Internal (``/internal/*``, bearer INTERNAL_API_SECRET): mint a session, revoke sessions, list and
+remove an account's devices, revocation outcome by causing event, acknowledgements of a revocation
+(docs/INTERNAL-API.md).
+
+Topics in: ``auth.events`` (``password.changed``, ``passwords.changed``), ``revocations.applied``.
+Topics out (through the outbox): ``sessions.revoked`` (the fan-out every holder consumes),
+``devicesession.events`` (``device.removed``).
+
+Tables: ``devices``, ``sessions`` (token HMACs only), ``revocations``, ``holders``,
+``revocation_acks``, plus the shared ``outbox`` and ``processed_events``.
+"""

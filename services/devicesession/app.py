@@ -1,18 +1,102 @@
-"""create_app(settings): the devicesession service's resources, middlewares and routes."""
+"""create_app(settings): devicesession's resources, consumers and routes."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from aiohttp import web
 
+from services.devicesession import events, routes, store
+from services.devicesession.service import Topics
 from services.devicesession.settings import Settings
-from shared.app import base_app, pool_ctx, producer_ctx, relay_ctx
+from shared.app import POOL, PRODUCER, SETTINGS, base_app, consumer_ctx, pool_ctx, producer_ctx, relay_ctx
+from shared.consumer import ConsumerRunner
+from shared.events import (
+    AUTH_EVENTS,
+    DEVICESESSION_EVENTS,
+    REVOCATIONS_APPLIED,
+    SESSIONS_REVOKED,
+    PasswordChanged,
+    PasswordsChanged,
+    RevocationApplied,
+)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+log = logging.getLogger(__name__)
+
+
+def _settings(app: web.Application) -> Settings:
+    s = app[SETTINGS]
+    assert isinstance(s, Settings)
+    return s
+
+
+async def topics_ctx(app: web.Application) -> AsyncIterator[None]:
+    s = app[SETTINGS]
+    app[routes.TOPICS] = Topics(sessions_revoked=s.topic(SESSIONS_REVOKED), events=s.topic(DEVICESESSION_EVENTS))
+    app[routes.TOUCHES] = {}
+    app[routes.HOLDERS_SEEN] = set()
+    yield
+
+
+async def touch_flusher_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Write last-used times in batches every TOUCH_INTERVAL seconds (and once at shutdown)."""
+    interval = _settings(app).touch_interval
+
+    async def flush() -> None:
+        pending, app[routes.TOUCHES] = app[routes.TOUCHES], {}
+        if pending:
+            await store.touch_sessions(app[POOL], pending)
+
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await flush()
+            except Exception:
+                log.exception("last-used flush failed")
+
+    task = asyncio.create_task(loop())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    with contextlib.suppress(Exception):
+        await flush()
+
+
+def auth_consumer(app: web.Application) -> ConsumerRunner:
+    s = app[SETTINGS]
+    return ConsumerRunner(
+        bootstrap=s.kafka_bootstrap_servers, group=s.group("devicesession.revoker"), topics=[s.topic(AUTH_EVENTS)],
+        handler=events.make_auth_handler(app[routes.TOPICS]), producer=app[PRODUCER], pool=app[POOL],
+        types=[PasswordChanged.TYPE, PasswordsChanged.TYPE],
+    )
+
+
+def ack_consumer(app: web.Application) -> ConsumerRunner:
+    s = app[SETTINGS]
+    return ConsumerRunner(
+        bootstrap=s.kafka_bootstrap_servers, group=s.group("devicesession.acks"),
+        topics=[s.topic(REVOCATIONS_APPLIED)], handler=events.handle_ack, producer=app[PRODUCER], pool=app[POOL],
+        types=[RevocationApplied.TYPE],
+    )
 
 
 def create_app(settings: Settings) -> web.Application:
     app = base_app(settings)
-    app.cleanup_ctx.extend([pool_ctx([("devicesession", MIGRATIONS)]), producer_ctx, relay_ctx])
+    app.cleanup_ctx.extend([
+        pool_ctx([("devicesession", MIGRATIONS)]),
+        producer_ctx,
+        relay_ctx,
+        topics_ctx,
+        touch_flusher_ctx,
+        consumer_ctx(auth_consumer),
+        consumer_ctx(ack_consumer),
+    ])
+    routes.setup_routes(app)
     return app

@@ -1,0 +1,310 @@
+"""devicesession's HTTP handlers: parse -> call service -> render."""
+
+from __future__ import annotations
+
+import base64
+import time
+import uuid
+from datetime import UTC, datetime
+
+import orjson
+from aiohttp import web
+
+from services.devicesession import service, store
+from services.devicesession.errors import DeviceNotFound, HolderUnauthorized, InvalidMint, InvalidToken
+from services.devicesession.settings import Settings
+from shared import plex
+from shared.app import POOL, SETTINGS
+from shared.errors import NotFound, ValidationFailed
+from shared.holder import holder_secret
+from shared.internal import require_internal
+from shared.tokens import same
+
+TOPICS = web.AppKey("topics", service.Topics)
+TOUCHES = web.AppKey("touches", dict)
+
+
+def _settings(request: web.Request) -> Settings:
+    s = request.app[SETTINGS]
+    assert isinstance(s, Settings)
+    return s
+
+
+def _internal(request: web.Request) -> None:
+    require_internal(request, _settings(request).internal_api_secret.get_secret_value())
+
+
+async def _json(request: web.Request) -> dict[str, object]:
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        raise ValidationFailed("the body must be JSON") from None
+    if not isinstance(body, dict):
+        raise ValidationFailed("the body must be a JSON object")
+    return body
+
+
+def _uuid(value: object, name: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(str(value))
+    except ValueError:
+        raise ValidationFailed(f"{name} must be a UUID", field=name) from None
+
+
+def _epoch(dt: datetime) -> int:
+    return int(dt.timestamp())
+
+
+def _iso(dt: datetime) -> str:
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _touch(request: web.Request, info: store.SessionInfo) -> None:
+    """Remember the use; the flusher writes batches (never a write per request)."""
+    request.app[TOUCHES][info.session_id] = (info.device_id, datetime.now(UTC))
+
+
+# --------------------------------------------------------------------------------- internal
+
+
+async def mint_session(request: web.Request) -> web.Response:
+    _internal(request)
+    account_id, fields, remember = service.parse_mint(await _json(request))
+    s = _settings(request)
+    async with request.app[POOL].acquire() as conn:
+        minted = await service.mint(conn, s.hmac_key(), account_id, fields, remember=remember,
+                                    short_ttl=s.short_session_ttl)
+    return web.json_response(
+        {"token": minted.token, "session_id": str(minted.session_id), "device_id": minted.device_id,
+         "device_uuid": str(minted.device_uuid), "issued_at": minted.issued_at.isoformat()},
+        status=201,
+    )
+
+
+async def revoke_sessions(request: web.Request) -> web.Response:
+    _internal(request)
+    body = await _json(request)
+    s = _settings(request)
+    topics = request.app[TOPICS]
+    async with request.app[POOL].acquire() as conn, conn.transaction():
+        if "token" in body:
+            info = await service.find_session(conn, s.hmac_key(), str(body["token"]))
+            if info is None:
+                return web.json_response({"revoked": 0, "revocation_id": None})
+            n, rid = await service.revoke(conn, topics, cause="signout", account_id=info.account_id,
+                                          session_ids=[info.session_id])
+        elif "session_id" in body:
+            sid = _uuid(body["session_id"], "session_id")
+            n, rid = await service.revoke(conn, topics, cause=str(body.get("cause") or "signout")[:40],
+                                          session_ids=[sid])
+        elif "account_id" in body:
+            acct = _uuid(body["account_id"], "account_id")
+            keep = _uuid(body["except_session_id"], "except_session_id") if body.get("except_session_id") else None
+            n, rid = await service.revoke(conn, topics, cause=str(body.get("cause") or "signout_all")[:40],
+                                          account_id=acct, except_session_id=keep)
+        else:
+            raise InvalidMint("give token, session_id or account_id")
+    return web.json_response({"revoked": n, "revocation_id": rid if n else None})
+
+
+async def list_account_devices(request: web.Request) -> web.Response:
+    _internal(request)
+    account_id = _uuid(request.match_info["account_id"], "account_id")
+    current = request.query.get("session_id")
+    current_device = None
+    async with request.app[POOL].acquire() as conn:
+        if current:
+            row = await conn.fetchrow("SELECT device_id FROM sessions WHERE id = $1 AND account_id = $2",
+                                      _uuid(current, "session_id"), account_id)
+            current_device = row["device_id"] if row else None
+        devices = await store.list_devices(conn, account_id)
+    return web.json_response({"devices": [
+        {"id": d.device.id, "client_identifier": d.device.client_identifier, "name": d.device.device_name,
+         "product": d.device.product, "version": d.device.version, "platform": d.device.platform,
+         "platform_version": d.device.platform_version, "device": d.device.device, "kind": d.device.kind,
+         "provides": d.device.provides, "created_at": d.device.created_at.isoformat(),
+         "last_seen_at": d.device.last_seen_at.isoformat(), "active_sessions": d.active_sessions,
+         "current": d.device.id == current_device}
+        for d in devices
+    ]})
+
+
+async def remove_account_device(request: web.Request) -> web.Response:
+    _internal(request)
+    account_id = _uuid(request.match_info["account_id"], "account_id")
+    device_id = _device_id(request.match_info["device_id"])
+    async with request.app[POOL].acquire() as conn:
+        n = await service.remove_device(conn, request.app[TOPICS], account_id, device_id)
+    if n is None:
+        raise DeviceNotFound()
+    return web.json_response({"revoked": n})
+
+
+async def revocation_outcome(request: web.Request) -> web.Response:
+    _internal(request)
+    cause = _uuid(request.query.get("causing_event_id"), "causing_event_id")
+    row = await store.find_revocation_by_cause(request.app[POOL], cause)
+    if row is None:
+        raise NotFound("not processed yet")
+    return web.json_response({"revocation_id": str(row["id"]), "revoked": row["revoked"], "cause": row["cause"],
+                              "created_at": row["created_at"].isoformat()})
+
+
+async def revocation_acks(request: web.Request) -> web.Response:
+    _internal(request)
+    rid = _uuid(request.match_info["revocation_id"], "revocation_id")
+    pool = request.app[POOL]
+    acks = await store.revocation_acks(pool, rid)
+    holders = await store.holder_ids(pool)
+    return web.json_response({
+        "revocation_id": str(rid),
+        "acks": [{"holder_id": a["holder_id"], "applied_at": a["applied_at"].isoformat()} for a in acks],
+        "holders": holders,
+        "missing": sorted(set(holders) - {a["holder_id"] for a in acks}),
+    })
+
+
+# --------------------------------------------------------------------------------- RFC 7662
+
+
+async def introspect(request: web.Request) -> web.Response:
+    s = _settings(request)
+    holder = _holder(request, s)
+    token = await plex.field(request, "token", max_len=512)
+    info = await service.find_session(request.app[POOL], s.hmac_key(), token)
+    if info is None:
+        return web.json_response({"active": False})
+    _touch(request, info)
+    seen = request.app[HOLDERS_SEEN]
+    if holder not in seen:
+        seen.add(holder)
+        await store.record_holder(request.app[POOL], holder)
+    return web.json_response({
+        "active": True, "sub": str(info.account_id), "account_id": str(info.account_id),
+        "session_id": str(info.session_id), "device_id": info.device_id, "client_id": info.client_identifier,
+        "kind": info.kind, "iat": _epoch(info.created_at), "token_type": "access_token",
+        **({"exp": _epoch(info.expires_at)} if info.expires_at else {}),
+    })
+
+
+HOLDERS_SEEN = web.AppKey("holders_seen", set)
+
+
+def _holder(request: web.Request, s: Settings) -> str:
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic":
+        raise HolderUnauthorized()
+    try:
+        holder_id, _, secret = base64.b64decode(value.strip(), validate=True).decode().partition(":")
+    except (ValueError, UnicodeDecodeError):
+        raise HolderUnauthorized() from None
+    if not holder_id or len(holder_id) > 200:
+        raise HolderUnauthorized()
+    expected = holder_secret(s.holder_secret.get_secret_value(), holder_id)
+    if not same(secret, expected):
+        raise HolderUnauthorized()
+    return holder_id
+
+
+# --------------------------------------------------------------------------------- Plex devices
+
+
+async def _account(request: web.Request) -> store.SessionInfo:
+    token = await plex.param(request, "X-Plex-Token")
+    info = await service.find_session(request.app[POOL], _settings(request).hmac_key(), token)
+    if info is None:
+        raise InvalidToken()
+    _touch(request, info)
+    return info
+
+
+def _device_id(raw: str) -> int:
+    if not raw.isdigit() or len(raw) > 18:
+        raise DeviceNotFound()
+    return int(raw)
+
+
+async def list_devices(request: web.Request) -> web.Response:
+    info = await _account(request)
+    devices = await store.list_devices(request.app[POOL], info.account_id)
+    # Plex lists each device's token; Hearth stores only HMACs, so a device shows the token only to
+    # itself (the caller's own session); other devices show an empty token.
+    xml_children = []
+    json_items = []
+    for d in devices:
+        dev = d.device
+        token = (await plex.param(request, "X-Plex-Token") or "") if dev.id == info.device_id else ""
+        attrs = {
+            "name": dev.device_name or dev.product, "publicAddress": dev.public_address, "product": dev.product,
+            "productVersion": dev.version, "platform": dev.platform, "platformVersion": dev.platform_version,
+            "device": dev.device, "model": dev.model, "vendor": dev.vendor, "provides": dev.provides,
+            "clientIdentifier": dev.client_identifier, "version": dev.version, "id": dev.id, "token": token,
+            "createdAt": _epoch(dev.created_at), "lastSeenAt": _epoch(dev.last_seen_at), "screenResolution": "",
+            "screenDensity": "",
+        }
+        conns = [plex.element("Connection", {"uri": c.get("uri", "")}) for c in dev.connections]
+        xml_children.append(plex.element("Device", attrs, *conns))
+        json_items.append({**attrs, "connections": [{"uri": c.get("uri", "")} for c in dev.connections]})
+    return plex.respond(request, xml=plex.element("MediaContainer", {"size": len(devices)}, *xml_children),
+                        json={"MediaContainer": {"size": len(devices), "Device": json_items}})
+
+
+async def delete_device(request: web.Request) -> web.Response:
+    info = await _account(request)
+    device_id = _device_id(request.match_info["device_id"])
+    async with request.app[POOL].acquire() as conn:
+        n = await service.remove_device(conn, request.app[TOPICS], info.account_id, device_id)
+    if n is None:
+        raise DeviceNotFound()
+    return web.Response(status=204)
+
+
+async def list_resources(request: web.Request) -> web.Response:
+    info = await _account(request)
+    devices = await store.list_devices(request.app[POOL], info.account_id)
+    now = time.time()
+    items_xml = []
+    items_json = []
+    for d in devices:
+        dev = d.device
+        provides = dev.provides or dev.kind
+        if "server" not in provides and "player" not in provides:
+            continue
+        conns = [
+            {"protocol": c.get("protocol", "http"), "address": c.get("address", ""), "port": c.get("port", 0),
+             "uri": c.get("uri", ""), "local": bool(c.get("local", True)), "relay": False, "IPv6": False}
+            for c in dev.connections
+        ]
+        attrs = {
+            "name": dev.device_name or dev.product, "product": dev.product, "productVersion": dev.version,
+            "platform": dev.platform, "platformVersion": dev.platform_version, "device": dev.device,
+            "clientIdentifier": dev.client_identifier, "createdAt": _iso(dev.created_at),
+            "lastSeenAt": _iso(dev.last_seen_at), "provides": provides, "ownerId": "", "sourceTitle": "",
+            "publicAddress": dev.public_address, "accessToken": "", "owned": True, "home": False, "synced": False,
+            "relay": False, "presence": now - dev.last_seen_at.timestamp() < 3600, "httpsRequired": False,
+            "publicAddressMatches": True, "dnsRebindingProtection": False, "natLoopbackSupported": False,
+        }
+        items_xml.append(plex.element("resource", attrs, plex.element(
+            "connections", {}, *(plex.element("connection", c) for c in conns))))
+        items_json.append({**attrs, "connections": conns})
+    return plex.respond(request, xml=plex.element("resources", {}, *items_xml), json=items_json)
+
+
+def setup_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_post("/internal/sessions", mint_session)
+    r.add_post("/internal/sessions/revoke", revoke_sessions)
+    r.add_get("/internal/accounts/{account_id}/devices", list_account_devices)
+    r.add_delete("/internal/accounts/{account_id}/devices/{device_id}", remove_account_device)
+    r.add_get("/internal/revocations", revocation_outcome)
+    r.add_get("/internal/revocations/{revocation_id}/acks", revocation_acks)
+    r.add_post("/oauth/introspect", introspect)
+    r.add_get("/devices.xml", list_devices)
+    r.add_get("/devices.json", list_devices)
+    r.add_get("/devices", list_devices)
+    r.add_delete("/devices/{device_id}.xml", delete_device)
+    r.add_delete("/devices/{device_id}.json", delete_device)
+    r.add_delete("/devices/{device_id}", delete_device)
+    r.add_get("/api/v2/resources", list_resources)
+    r.add_get("/api/v2/resources.json", list_resources)

@@ -1,0 +1,175 @@
+"""devicesession's domain logic: minting, introspection, revocation. No HTTP, no Kafka here:
+events go through the outbox in the caller's transaction.
+
+Invariants:
+- A session token exists in plaintext only in the mint answer; the database has its HMAC.
+- Every revocation that revoked at least one session publishes exactly one ``sessions.revoked``
+  in the same transaction as the revocation, so holders hear of every revoked session.
+- Revocation caused by an event is idempotent on that event (``revocations.causing_event_id``).
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import asyncpg
+
+from services.devicesession import store
+from services.devicesession.errors import InvalidMint
+from shared import outbox, tokens
+from shared.events import (
+    DeviceRemoved,
+    SessionsRevoked,
+    envelope,
+    iso,
+    utcnow,
+)
+
+PRODUCER = "devicesession"
+KINDS = ("player", "server", "browser", "controller", "app")
+_TEXT_FIELDS = ("product", "version", "platform", "platform_version", "device", "device_name", "model", "vendor",
+                "provides", "public_address")
+_CLIENT_ID = re.compile(r"^[\x21-\x7e]{1,255}$")
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Topic names with the deployment's prefix."""
+
+    sessions_revoked: str
+    events: str
+
+
+@dataclass(frozen=True)
+class Minted:
+    token: str
+    session_id: uuid.UUID
+    device_id: int
+    device_uuid: uuid.UUID
+    issued_at: datetime
+
+
+def parse_mint(body: Any) -> tuple[uuid.UUID, dict[str, Any], bool]:
+    """Validate a mint request; returns (account id, device fields, remember)."""
+    if not isinstance(body, dict):
+        raise InvalidMint("the body must be a JSON object")
+    try:
+        account_id = uuid.UUID(str(body.get("account_id")))
+    except ValueError:
+        raise InvalidMint("account_id must be a UUID", field="account_id") from None
+    cid = body.get("client_identifier")
+    if not isinstance(cid, str) or not _CLIENT_ID.match(cid):
+        raise InvalidMint("client_identifier is required (1-255 printable characters)", field="client_identifier")
+    kind = body.get("kind") or "player"
+    if kind not in KINDS:
+        raise InvalidMint(f"kind must be one of {', '.join(KINDS)}", field="kind")
+    fields: dict[str, Any] = {"client_identifier": cid, "kind": kind}
+    for name in _TEXT_FIELDS:
+        value = body.get(name) or ""
+        if not isinstance(value, str) or len(value) > 255:
+            raise InvalidMint(f"{name} must be a string of at most 255 characters", field=name)
+        fields[name] = value
+    connections = body.get("connections") or []
+    if not isinstance(connections, list) or len(connections) > 20:
+        raise InvalidMint("connections must be a list of at most 20 entries", field="connections")
+    clean = []
+    for c in connections:
+        if not isinstance(c, dict):
+            raise InvalidMint("each connection must be an object", field="connections")
+        try:
+            port = int(c.get("port") or 0)
+        except (TypeError, ValueError):
+            raise InvalidMint("connection port must be an integer", field="connections") from None
+        entry = {
+            "protocol": str(c.get("protocol") or "http")[:10],
+            "address": str(c.get("address") or "")[:255],
+            "port": port,
+            "uri": str(c.get("uri") or "")[:512],
+            "local": bool(c.get("local", True)),
+        }
+        if not entry["uri"] and entry["address"]:
+            entry["uri"] = f"{entry['protocol']}://{entry['address']}:{port}"
+        clean.append(entry)
+    fields["connections"] = clean
+    if kind == "server" and not fields["provides"]:
+        fields["provides"] = "server"
+    remember = body.get("remember", True)
+    if not isinstance(remember, bool):
+        raise InvalidMint("remember must be a boolean", field="remember")
+    return account_id, fields, remember
+
+
+async def mint(conn: asyncpg.Connection, key: bytes, account_id: uuid.UUID, fields: dict[str, Any], *,
+               remember: bool, short_ttl: int) -> Minted:
+    """Create (or refresh) the device and a new session for it; only the token's HMAC is stored."""
+    token = tokens.new_token(tokens.SESSION_TOKEN_BYTES)
+    session_id = uuid.uuid4()
+    async with conn.transaction():
+        device = await store.upsert_device(conn, account_id, fields)
+        expires = None if remember else utcnow() + timedelta(seconds=short_ttl)
+        issued = await store.insert_session(conn, session_id, tokens.digest(key, token, purpose="session"),
+                                            account_id, device.id, expires)
+    return Minted(token, session_id, device.id, device.uuid, issued)
+
+
+async def find_session(pool: asyncpg.Pool | asyncpg.Connection, key: bytes, token: str | None
+                       ) -> store.SessionInfo | None:
+    if not token or len(token) > 512:
+        return None
+    return await store.find_active_session(pool, tokens.digest(key, token, purpose="session"))
+
+
+async def revoke(conn: asyncpg.Connection, topics: Topics, *, cause: str, causing_event_id: uuid.UUID | None = None,
+                 account_id: uuid.UUID | None = None, account_ids: list[uuid.UUID] | None = None,
+                 session_ids: list[uuid.UUID] | None = None, device_id: int | None = None,
+                 except_session_id: uuid.UUID | None = None, key_account: str | None = None) -> tuple[int, str | None]:
+    """Revoke in one statement and publish one ``sessions.revoked`` (if anything was revoked).
+
+    Must run inside a transaction. Returns (number revoked, revocation id or None)."""
+    revoked, cutoff = await store.revoke_sessions(
+        conn, reason=cause, account_id=account_id, account_ids=account_ids, session_ids=session_ids,
+        device_id=device_id, except_session_id=except_session_id,
+    )
+    revocation_id = uuid.uuid4()
+    recorded = await store.insert_revocation(
+        conn, revocation_id, account_id=account_id, causing_event_id=causing_event_id, cause=cause,
+        revoked=len(revoked), cutoff=cutoff,
+    )
+    if not recorded:
+        return 0, None  # this cause was handled before (its effects are committed already)
+    if not revoked:
+        return 0, str(revocation_id)
+    bulk = account_ids is not None
+    event = SessionsRevoked(
+        revocation_id=str(revocation_id),
+        account_id=key_account or str(account_id or revoked[0][1]),
+        session_ids=[str(s) for s, _ in revoked] if not bulk else [],
+        cutoff=iso(cutoff),
+        cause=cause,
+        causing_event_id=str(causing_event_id) if causing_event_id else None,
+        all_sessions=bulk,
+        account_ids=sorted({str(a) for _, a in revoked}) if bulk else None,
+    )
+    env = envelope(event, producer=PRODUCER, key=event.account_id)
+    await outbox.add(conn, topics.sessions_revoked, env)
+    return len(revoked), str(revocation_id)
+
+
+async def remove_device(conn: asyncpg.Connection, topics: Topics, account_id: uuid.UUID, device_id: int
+                        ) -> int | None:
+    """Sign a device out: revoke its sessions, hide it from lists, publish the events."""
+    async with conn.transaction():
+        device = await store.find_device(conn, account_id, device_id)
+        if device is None:
+            return None
+        n, _ = await revoke(conn, topics, cause="device_removed", account_id=account_id, device_id=device_id)
+        await store.mark_device_removed(conn, device_id)
+        env = envelope(DeviceRemoved(account_id=str(account_id), device_id=str(device_id),
+                                     client_identifier=device.client_identifier, name=device.device_name),
+                       producer=PRODUCER, key=str(account_id))
+        await outbox.add(conn, topics.events, env)
+        return n

@@ -1,0 +1,286 @@
+"""Plain SQL over asyncpg for devices, sessions, revocations and holder acknowledgements.
+
+Functions take the connection first; the service decides where transactions start. Concurrency
+rules live in the SQL: device upsert on its unique key, revocation with one conditional UPDATE
+(``revoked_at IS NULL``) so two revokers never both count the same session.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+
+@dataclass(frozen=True)
+class Device:
+    id: int
+    uuid: UUID
+    account_id: UUID
+    client_identifier: str
+    kind: str
+    product: str
+    version: str
+    platform: str
+    platform_version: str
+    device: str
+    device_name: str
+    model: str
+    vendor: str
+    provides: str
+    public_address: str
+    connections: list[dict[str, Any]]
+    created_at: datetime
+    last_seen_at: datetime
+
+
+@dataclass(frozen=True)
+class DeviceWithToken:
+    device: Device
+    token_hmac: bytes | None
+    active_sessions: int
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    session_id: UUID
+    account_id: UUID
+    device_id: int
+    client_identifier: str
+    kind: str
+    created_at: datetime
+    expires_at: datetime | None
+
+
+_DEVICE_COLS = (
+    "d.id, d.uuid, d.account_id, d.client_identifier, d.kind, d.product, d.version, d.platform, "
+    "d.platform_version, d.device, d.device_name, d.model, d.vendor, d.provides, d.public_address, "
+    "d.connections, d.created_at, d.last_seen_at"
+)
+
+
+def _device(row: asyncpg.Record) -> Device:
+    return Device(**{k: row[k] for k in Device.__dataclass_fields__})
+
+
+async def upsert_device(conn: asyncpg.Connection, account_id: UUID, fields: dict[str, Any]) -> Device:
+    """Create the device of (account, client identifier) or refresh its descriptive fields."""
+    row = await conn.fetchrow(
+        """
+        INSERT INTO devices AS d (account_id, client_identifier, kind, product, version, platform,
+            platform_version, device, device_name, model, vendor, provides, public_address, connections)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+        ON CONFLICT (account_id, client_identifier) DO UPDATE SET
+            kind = EXCLUDED.kind, product = EXCLUDED.product, version = EXCLUDED.version,
+            platform = EXCLUDED.platform, platform_version = EXCLUDED.platform_version,
+            device = EXCLUDED.device, device_name = EXCLUDED.device_name, model = EXCLUDED.model,
+            vendor = EXCLUDED.vendor, provides = EXCLUDED.provides,
+            public_address = CASE WHEN EXCLUDED.public_address = '' THEN d.public_address
+                                  ELSE EXCLUDED.public_address END,
+            connections = CASE WHEN EXCLUDED.connections = '[]'::jsonb THEN d.connections
+                               ELSE EXCLUDED.connections END,
+            last_seen_at = now(), removed_at = NULL
+        RETURNING """
+        + _DEVICE_COLS.replace("d.", ""),
+        account_id,
+        fields["client_identifier"],
+        fields["kind"],
+        fields["product"],
+        fields["version"],
+        fields["platform"],
+        fields["platform_version"],
+        fields["device"],
+        fields["device_name"],
+        fields["model"],
+        fields["vendor"],
+        fields["provides"],
+        fields["public_address"],
+        fields["connections"],
+    )
+    assert row is not None
+    return _device(row)
+
+
+async def insert_session(
+    conn: asyncpg.Connection,
+    session_id: UUID,
+    token_hmac: bytes,
+    account_id: UUID,
+    device_id: int,
+    expires_at: datetime | None,
+) -> datetime:
+    created: datetime = await conn.fetchval(
+        "INSERT INTO sessions (id, token_hmac, account_id, device_id, expires_at)"
+        " VALUES ($1, $2, $3, $4, $5) RETURNING created_at",
+        session_id,
+        token_hmac,
+        account_id,
+        device_id,
+        expires_at,
+    )
+    return created
+
+
+async def find_active_session(conn: asyncpg.Connection | asyncpg.Pool, token_hmac: bytes) -> SessionInfo | None:
+    """The live (not revoked, not expired) session whose token has this HMAC."""
+    row = await conn.fetchrow(
+        "SELECT s.id, s.account_id, s.device_id, s.created_at, s.expires_at, d.client_identifier, d.kind"
+        " FROM sessions s JOIN devices d ON d.id = s.device_id"
+        " WHERE s.token_hmac = $1 AND s.revoked_at IS NULL AND (s.expires_at IS NULL OR s.expires_at > now())",
+        token_hmac,
+    )
+    if row is None:
+        return None
+    return SessionInfo(row["id"], row["account_id"], row["device_id"], row["client_identifier"], row["kind"],
+                       row["created_at"], row["expires_at"])
+
+
+async def revoke_sessions(
+    conn: asyncpg.Connection,
+    *,
+    reason: str,
+    account_id: UUID | None = None,
+    account_ids: list[UUID] | None = None,
+    session_ids: list[UUID] | None = None,
+    device_id: int | None = None,
+    except_session_id: UUID | None = None,
+) -> tuple[list[tuple[UUID, UUID]], datetime]:
+    """Revoke matching live sessions in one statement; returns (session id, account id) pairs
+    actually revoked now (sessions already revoked are not counted twice) and the cutoff time."""
+    conditions = ["revoked_at IS NULL"]
+    args: list[Any] = [reason]
+    if account_id is not None:
+        args.append(account_id)
+        conditions.append(f"account_id = ${len(args)}")
+    if account_ids is not None:
+        args.append(account_ids)
+        conditions.append(f"account_id = ANY(${len(args)}::uuid[])")
+    if session_ids is not None:
+        args.append(session_ids)
+        conditions.append(f"id = ANY(${len(args)}::uuid[])")
+    if device_id is not None:
+        args.append(device_id)
+        conditions.append(f"device_id = ${len(args)}")
+    if except_session_id is not None:
+        args.append(except_session_id)
+        conditions.append(f"id <> ${len(args)}")
+    if len(conditions) == 1:
+        raise ValueError("refusing to revoke without a selector")
+    rows = await conn.fetch(
+        f"UPDATE sessions SET revoked_at = now(), revoked_reason = $1 WHERE {' AND '.join(conditions)}"
+        " RETURNING id, account_id, revoked_at",
+        *args,
+    )
+    cutoff: datetime = rows[0]["revoked_at"] if rows else await conn.fetchval("SELECT now()")
+    return [(r["id"], r["account_id"]) for r in rows], cutoff
+
+
+async def insert_revocation(
+    conn: asyncpg.Connection,
+    revocation_id: UUID,
+    *,
+    account_id: UUID | None,
+    causing_event_id: UUID | None,
+    cause: str,
+    revoked: int,
+    cutoff: datetime,
+) -> bool:
+    """Record a revocation; False when one for the same causing event exists already."""
+    done = await conn.fetchval(
+        "INSERT INTO revocations (id, account_id, causing_event_id, cause, revoked, cutoff)"
+        " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (causing_event_id) DO NOTHING RETURNING 1",
+        revocation_id,
+        account_id,
+        causing_event_id,
+        cause,
+        revoked,
+        cutoff,
+    )
+    return bool(done)
+
+
+async def find_revocation_by_cause(conn: asyncpg.Connection | asyncpg.Pool,
+                                   causing_event_id: UUID) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        "SELECT id, revoked, created_at, cause FROM revocations WHERE causing_event_id = $1", causing_event_id
+    )
+
+
+async def list_devices(conn: asyncpg.Connection | asyncpg.Pool, account_id: UUID) -> list[DeviceWithToken]:
+    """The account's devices that still have a live session, newest first."""
+    rows = await conn.fetch(
+        "SELECT " + _DEVICE_COLS + ", s.token_hmac, s.n FROM devices d"
+        " JOIN LATERAL (SELECT count(*) AS n, (array_agg(token_hmac ORDER BY created_at DESC))[1] AS token_hmac"
+        "   FROM sessions WHERE device_id = d.id AND revoked_at IS NULL"
+        "   AND (expires_at IS NULL OR expires_at > now())) s ON s.n > 0"
+        " WHERE d.account_id = $1 AND d.removed_at IS NULL ORDER BY d.last_seen_at DESC, d.id DESC",
+        account_id,
+    )
+    return [DeviceWithToken(_device(r), r["token_hmac"], int(r["n"])) for r in rows]
+
+
+async def find_device(conn: asyncpg.Connection | asyncpg.Pool, account_id: UUID, device_id: int) -> Device | None:
+    row = await conn.fetchrow(
+        "SELECT " + _DEVICE_COLS + " FROM devices d WHERE d.account_id = $1 AND d.id = $2 AND d.removed_at IS NULL",
+        account_id,
+        device_id,
+    )
+    return _device(row) if row else None
+
+
+async def mark_device_removed(conn: asyncpg.Connection, device_id: int) -> None:
+    await conn.execute("UPDATE devices SET removed_at = now() WHERE id = $1", device_id)
+
+
+async def touch_sessions(conn: asyncpg.Connection | asyncpg.Pool, seen: dict[UUID, tuple[int, datetime]]) -> None:
+    """Batch update of last-used (sessions) and last-seen (devices) times."""
+    if not seen:
+        return
+    ids = list(seen)
+    device_ids = [seen[s][0] for s in ids]
+    times = [seen[s][1] for s in ids]
+    await conn.execute(
+        "UPDATE sessions s SET last_used_at = GREATEST(s.last_used_at, u.t)"
+        " FROM unnest($1::uuid[], $2::timestamptz[]) AS u(id, t) WHERE s.id = u.id",
+        ids,
+        times,
+    )
+    await conn.execute(
+        "UPDATE devices d SET last_seen_at = GREATEST(d.last_seen_at, u.t)"
+        " FROM (SELECT id, max(t) AS t FROM unnest($1::bigint[], $2::timestamptz[]) AS x(id, t) GROUP BY id) u"
+        " WHERE d.id = u.id",
+        device_ids,
+        times,
+    )
+
+
+async def record_holder(conn: asyncpg.Connection | asyncpg.Pool, holder_id: str) -> None:
+    await conn.execute(
+        "INSERT INTO holders (id) VALUES ($1) ON CONFLICT (id) DO UPDATE SET last_seen_at = now()", holder_id
+    )
+
+
+async def insert_ack(conn: asyncpg.Connection, revocation_id: UUID, holder_id: str, applied_at: datetime) -> None:
+    await conn.execute(
+        "INSERT INTO revocation_acks (revocation_id, holder_id, applied_at) VALUES ($1, $2, $3)"
+        " ON CONFLICT DO NOTHING",
+        revocation_id,
+        holder_id,
+        applied_at,
+    )
+    await record_holder(conn, holder_id)
+
+
+async def revocation_acks(conn: asyncpg.Connection | asyncpg.Pool, revocation_id: UUID) -> list[asyncpg.Record]:
+    rows: list[asyncpg.Record] = await conn.fetch(
+        "SELECT holder_id, applied_at, received_at FROM revocation_acks WHERE revocation_id = $1 ORDER BY applied_at",
+        revocation_id,
+    )
+    return rows
+
+
+async def holder_ids(conn: asyncpg.Connection | asyncpg.Pool) -> list[str]:
+    return [r["id"] for r in await conn.fetch("SELECT id FROM holders ORDER BY id")]

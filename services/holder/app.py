@@ -1,0 +1,81 @@
+"""create_app(settings): the sample holder's app."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared import plex
+from shared.app import READY_CHECKS, healthz, metrics, readyz, request_context
+from shared.errors import Unauthorized
+from shared.holder import HOLDER, HolderKit, holder_secret
+
+HOLDER_SETTINGS = web.AppKey("holder_settings", object)
+
+
+class HolderSettings(BaseSettings):
+    model_config = SettingsConfigDict(frozen=True, extra="ignore")
+
+    name: str
+    http_host: str = "127.0.0.1"
+    http_port: int = 8201
+    log_level: str = "INFO"
+    kafka_bootstrap_servers: str = "127.0.0.1:9092"
+    topic_prefix: str = ""
+    devicesession_url: str = "http://127.0.0.1:8102"
+    holder_credential: SecretStr | None = None
+    holder_secret: SecretStr | None = None
+    cache_ttl: float = 30.0
+
+    def credential(self) -> str:
+        if self.holder_credential is not None:
+            return self.holder_credential.get_secret_value()
+        if self.holder_secret is not None:
+            return holder_secret(self.holder_secret.get_secret_value(), self.name)
+        raise SystemExit("set HOLDER_CREDENTIAL (or HOLDER_SECRET in development)")
+
+
+async def library(request: web.Request) -> web.Response:
+    token = await plex.param(request, "X-Plex-Token")
+    principal = await request.app[HOLDER].validate(token)
+    if principal is None:
+        raise Unauthorized()
+    return plex.respond(
+        request,
+        xml=plex.element("MediaContainer", {"size": 0, "title1": "Library", "accountID": principal.account_id}),
+        json={"MediaContainer": {"size": 0, "title1": "Library", "accountID": principal.account_id}},
+    )
+
+
+def create_app(settings: HolderSettings) -> web.Application:
+    app = web.Application(middlewares=[request_context], client_max_size=64 * 1024)
+    app[READY_CHECKS] = []
+
+    async def kit_ctx(app: web.Application) -> AsyncIterator[None]:
+        kit = HolderKit(
+            holder_id=settings.name,
+            introspect_url=settings.devicesession_url.rstrip("/") + "/oauth/introspect",
+            holder_secret=settings.credential(),
+            bootstrap=settings.kafka_bootstrap_servers,
+            topic_prefix=settings.topic_prefix,
+            cache_ttl=settings.cache_ttl,
+        )
+        await kit.start()
+        app[HOLDER] = kit
+
+        async def assigned() -> bool:
+            return kit.healthy
+
+        app[READY_CHECKS].append(("revocations", assigned))
+        yield
+        await kit.stop()
+
+    app.cleanup_ctx.append(kit_ctx)
+    app.router.add_get("/library", library)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    return app

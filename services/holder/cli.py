@@ -1,0 +1,24 @@
+"""``hearth holder``: run a sample holder."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+from aiohttp import web
+
+from shared import logs
+
+
+@click.command("holder")
+@click.option("--name", required=True, help="holder id (its consumer group is holder.<name>)")
+@click.option("--port", type=int, default=8201, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True)
+def command(name: str, port: int, host: str) -> None:
+    """Run a sample media server that holds Hearth sessions (GET /library)."""
+    from services.holder.app import HolderSettings, create_app
+
+    settings = HolderSettings(name=name, http_port=port, http_host=host)
+    logs.setup(f"holder-{name}", settings.log_level)
+    web.run_app(create_app(settings), host=host, port=port, access_log=None,
+                print=lambda *_: logging.getLogger(__name__).info("listening", extra={"port": port}))

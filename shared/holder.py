@@ -1,0 +1,392 @@
+"""The holder kit: what any resource server embeds to hold Hearth sessions safely.
+
+``HolderKit.validate(token)`` answers from a bounded TTL cache, else asks devicesession's RFC 7662
+introspection endpoint with the holder's credentials. A background consumer of ``sessions.revoked``,
+in the holder's **own** consumer group (``<prefix>holder.<holder id>``), evicts every cached entry an
+event covers (by session id, or by account for bulk and "all sessions" revocations) and acknowledges
+each with a ``revocation.applied`` event.
+
+Safety rules:
+
+- The cache never outlives what the consumer can vouch for. On start, on every partition
+  assignment (a restart or a rebalance), and whenever the consumer fails, the whole cache is
+  dropped; while the consumer is not healthy, ``validate`` does not use the cache at all.
+- An introspection answer that raced with a revocation (a revocation was applied while the request
+  was in flight) is not cached, and is asked again.
+- Negative answers are cached briefly (``negative_ttl``) so a flood of bad tokens cannot hammer
+  introspection.
+- The cache is keyed by a local SHA-256 of the token; no plaintext token is kept.
+
+Holder credentials: ``holder_id`` and ``holder_secret(master, holder_id)`` (HTTP Basic). See
+docs/INTERNAL-API.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import hmac
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.abc import ConsumerRebalanceListener
+from prometheus_client import Counter, Gauge, Histogram
+
+from shared import kafka
+from shared.events import (
+    REVOCATIONS_APPLIED,
+    SESSIONS_REVOKED,
+    Envelope,
+    RevocationApplied,
+    SessionsRevoked,
+    decode_data,
+    envelope,
+    iso,
+    parse_time,
+    utcnow,
+)
+
+log = logging.getLogger(__name__)
+
+CACHE_LOOKUPS = Counter("hearth_holder_cache_lookups_total", "validate() lookups", ["holder", "result"])
+REVOCATIONS_APPLIED_TOTAL = Counter("hearth_holder_revocations_applied_total", "Revocations applied", ["holder"])
+EVICTIONS = Counter("hearth_holder_evictions_total", "Cache entries evicted by revocations", ["holder"])
+CACHE_DROPS = Counter("hearth_holder_cache_drops_total", "Whole-cache drops (restart, rebalance, gap)", ["holder"])
+APPLY_LATENCY = Histogram(
+    "hearth_holder_apply_latency_seconds",
+    "Time from a revocation's occurrence to this holder applying it",
+    ["holder"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+CACHE_SIZE = Gauge("hearth_holder_cache_entries", "Cached tokens", ["holder"])
+
+
+def holder_secret(master: str, holder_id: str) -> str:
+    """The introspection credential of ``holder_id``, derived from the master HOLDER_SECRET."""
+    mac = hmac.new(master.encode(), b"holder:" + holder_id.encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+
+
+@dataclass(frozen=True)
+class Principal:
+    account_id: str
+    session_id: str
+    device_id: int
+    client_id: str
+    kind: str
+    issued_at: float
+
+
+@dataclass
+class _Entry:
+    principal: Principal | None
+    expires: float
+
+
+class HolderKit:
+    def __init__(
+        self,
+        *,
+        holder_id: str,
+        introspect_url: str,
+        holder_secret: str,
+        bootstrap: str,
+        topic_prefix: str = "",
+        producer: AIOKafkaProducer | None = None,
+        cache_ttl: float = 30.0,
+        negative_ttl: float = 5.0,
+        max_entries: int = 100_000,
+        timeout: float = 5.0,
+    ) -> None:
+        self.holder_id = holder_id
+        self.introspect_url = introspect_url
+        self.auth = aiohttp.BasicAuth(holder_id, holder_secret)
+        self.bootstrap = bootstrap
+        self.topic_prefix = topic_prefix
+        self.cache_ttl = cache_ttl
+        self.negative_ttl = negative_ttl
+        self.max_entries = max_entries
+        self.timeout = aiohttp.ClientTimeout(total=timeout)
+        self._producer = producer
+        self._own_producer = producer is None
+        self._cache: OrderedDict[bytes, _Entry] = OrderedDict()
+        self._by_session: dict[str, set[bytes]] = {}
+        self._by_account: dict[str, set[bytes]] = {}
+        self._seq = 0  # bumped on every applied revocation and every drop
+        self._healthy = False
+        self._inflight: dict[bytes, asyncio.Future[Principal | None]] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.assigned = asyncio.Event()
+        self.applied: list[tuple[str, float]] = []  # (revocation id, monotonic time) for tests and benches
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(timeout=self.timeout,
+                                              connector=aiohttp.TCPConnector(limit=200, keepalive_timeout=60))
+        if self._producer is None:
+            self._producer = kafka.make_producer(self.bootstrap, client_id=f"holder-{self.holder_id}")
+            await kafka.start_producer(self._producer)
+        await kafka.ensure_topics(self.bootstrap, [self.topic_prefix + SESSIONS_REVOKED,
+                                                   self.topic_prefix + REVOCATIONS_APPLIED])
+        self._task = asyncio.create_task(self._run(), name=f"holder-{self.holder_id}")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        if self._consumer is not None:
+            with contextlib.suppress(Exception):
+                await self._consumer.stop()
+        if self._session is not None:
+            await self._session.close()
+        if self._own_producer and self._producer is not None:
+            await self._producer.stop()
+
+    @property
+    def healthy(self) -> bool:
+        return self._healthy
+
+    # ------------------------------------------------------------------ validation
+
+    @staticmethod
+    def _key(token: str) -> bytes:
+        return hashlib.sha256(token.encode()).digest()
+
+    async def validate(self, token: str | None) -> Principal | None:
+        """The principal of a live token, or None. Never raises for a bad token."""
+        if not token or len(token) > 512:
+            return None
+        key = self._key(token)
+        now = time.monotonic()
+        if self._healthy:
+            entry = self._cache.get(key)
+            if entry is not None and entry.expires > now:
+                self._cache.move_to_end(key)
+                CACHE_LOOKUPS.labels(self.holder_id, "hit" if entry.principal else "negative_hit").inc()
+                return entry.principal
+        CACHE_LOOKUPS.labels(self.holder_id, "miss").inc()
+        pending = self._inflight.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[Principal | None] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = fut
+        try:
+            principal = await self._lookup(key, token)
+            fut.set_result(principal)
+            return principal
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # mark retrieved
+            raise
+        finally:
+            self._inflight.pop(key, None)
+
+    async def _lookup(self, key: bytes, token: str) -> Principal | None:
+        for _ in range(3):
+            seq = self._seq
+            principal = await self._introspect(token)
+            if seq == self._seq:
+                if self._healthy:
+                    self._store(key, principal)
+                return principal
+            # A revocation was applied while we asked: the answer may predate it. Ask again.
+        return await self._introspect(token)
+
+    async def _introspect(self, token: str) -> Principal | None:
+        assert self._session is not None, "HolderKit.start() was not called"
+        async with self._session.post(self.introspect_url, data={"token": token}, auth=self.auth) as resp:
+            if resp.status != 200:
+                raise RuntimeError(f"introspection failed with HTTP {resp.status}")
+            body = await resp.json()
+        if not body.get("active"):
+            return None
+        return Principal(
+            account_id=str(body["account_id"]),
+            session_id=str(body["session_id"]),
+            device_id=int(body["device_id"]),
+            client_id=str(body.get("client_id", "")),
+            kind=str(body.get("kind", "")),
+            issued_at=float(body.get("iat", 0)),
+        )
+
+    def _store(self, key: bytes, principal: Principal | None) -> None:
+        ttl = self.cache_ttl if principal else self.negative_ttl
+        old = self._cache.pop(key, None)
+        if old is not None:
+            self._unindex(key, old)
+        self._cache[key] = _Entry(principal, time.monotonic() + ttl)
+        if principal:
+            self._by_session.setdefault(principal.session_id, set()).add(key)
+            self._by_account.setdefault(principal.account_id, set()).add(key)
+        while len(self._cache) > self.max_entries:
+            k, e = self._cache.popitem(last=False)
+            self._unindex(k, e)
+        CACHE_SIZE.labels(self.holder_id).set(len(self._cache))
+
+    def _unindex(self, key: bytes, entry: _Entry) -> None:
+        p = entry.principal
+        if p is None:
+            return
+        for index, ident in ((self._by_session, p.session_id), (self._by_account, p.account_id)):
+            keys = index.get(ident)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del index[ident]
+
+    def drop_cache(self, why: str) -> None:
+        """Forget everything (restart, rebalance, or a gap in the revocation stream)."""
+        self._seq += 1
+        self._cache.clear()
+        self._by_session.clear()
+        self._by_account.clear()
+        CACHE_DROPS.labels(self.holder_id).inc()
+        CACHE_SIZE.labels(self.holder_id).set(0)
+        log.info("holder cache dropped", extra={"holder": self.holder_id, "why": why})
+
+    # ------------------------------------------------------------------ revocations
+
+    def apply(self, rev: SessionsRevoked) -> int:
+        """Evict what a revocation covers; returns how many cache entries went."""
+        self._seq += 1
+        keys: set[bytes] = set()
+        for sid in rev.session_ids:
+            keys |= self._by_session.get(sid, set())
+        accounts = list(rev.account_ids or [])
+        if rev.all_sessions and not accounts:
+            accounts = [rev.account_id]
+        if accounts:
+            cutoff = parse_time(rev.cutoff).timestamp()
+            for acct in accounts:
+                for k in self._by_account.get(acct, set()):
+                    e = self._cache.get(k)
+                    if e is not None and e.principal is not None and e.principal.issued_at <= cutoff:
+                        keys.add(k)
+        for k in keys:
+            e = self._cache.pop(k, None)
+            if e is not None:
+                self._unindex(k, e)
+        EVICTIONS.labels(self.holder_id).inc(len(keys))
+        CACHE_SIZE.labels(self.holder_id).set(len(self._cache))
+        return len(keys)
+
+    async def _run(self) -> None:
+        group = f"{self.topic_prefix}holder.{self.holder_id}"
+        topic = self.topic_prefix + SESSIONS_REVOKED
+        kit = self
+
+        class Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+            async def on_partitions_revoked(self, revoked: object) -> None:
+                kit._healthy = False
+
+            async def on_partitions_assigned(self, assigned: object) -> None:
+                kit.drop_cache("partitions assigned")
+                kit._healthy = True
+                kit.assigned.set()
+
+        backoff = 0.5
+        while not self._stopping:
+            self._consumer = AIOKafkaConsumer(
+                bootstrap_servers=self.bootstrap,
+                group_id=group,
+                enable_auto_commit=False,
+                auto_offset_reset="latest",
+                session_timeout_ms=10_000,
+                heartbeat_interval_ms=1_000,
+                metadata_max_age_ms=5_000,
+                fetch_max_wait_ms=50,
+            )
+            try:
+                self._consumer.subscribe([topic], listener=Listener())
+                await self._consumer.start()
+                backoff = 0.5
+                while not self._stopping:
+                    batches = await self._consumer.getmany(timeout_ms=500, max_records=500)
+                    for records in batches.values():
+                        for record in records:
+                            await self._handle(record.value)
+                    if batches:
+                        await self._consumer.commit()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("holder consumer failed; cache dropped until it recovers",
+                              extra={"holder": self.holder_id})
+            finally:
+                self._healthy = False
+                self.drop_cache("consumer stopped")
+                with contextlib.suppress(Exception):
+                    await self._consumer.stop()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 10)
+
+    async def _handle(self, raw: bytes) -> None:
+        try:
+            env = Envelope.decode(raw)
+            rev = decode_data(env, SessionsRevoked)
+        except (ValueError, TypeError):
+            # We cannot tell what it covered: trust nothing we hold.
+            self.drop_cache("undecodable revocation")
+            return
+        evicted = self.apply(rev)
+        now = utcnow()
+        self.applied.append((rev.revocation_id, time.monotonic()))
+        if len(self.applied) > 100_000:
+            del self.applied[:50_000]
+        REVOCATIONS_APPLIED_TOTAL.labels(self.holder_id).inc()
+        APPLY_LATENCY.labels(self.holder_id).observe(max(0.0, (now - env.occurred_at).total_seconds()))
+        ack = envelope(
+            RevocationApplied(holder_id=self.holder_id, revocation_id=rev.revocation_id, applied_at=iso(now),
+                              revoked_at=iso(env.occurred_at), evicted=evicted),
+            producer=f"holder-{self.holder_id}",
+            key=rev.revocation_id,
+        )
+        assert self._producer is not None
+        # Fire and forget: the ack is observability; holding revocations back for it is worse.
+        await self._producer.send(self.topic_prefix + REVOCATIONS_APPLIED, ack.encode(), key=ack.key.encode(),
+                                  headers=ack.headers())
+
+
+HOLDER = web.AppKey("holder", HolderKit)
+
+
+def holder_ctx_factory(holder_id: str) -> object:
+    """A cleanup_ctx generator that runs a HolderKit for ``holder_id`` under ``app[HOLDER]``."""
+    from shared.app import PRODUCER, SETTINGS, add_ready_check
+
+    async def holder_ctx(app: web.Application) -> AsyncIterator[None]:
+        s = app[SETTINGS]
+        kit = HolderKit(
+            holder_id=holder_id,
+            introspect_url=s.devicesession_url.rstrip("/") + "/oauth/introspect",
+            holder_secret=holder_secret(s.holder_secret.get_secret_value(), holder_id),
+            bootstrap=s.kafka_bootstrap_servers,
+            topic_prefix=s.topic_prefix,
+            producer=app.get(PRODUCER),
+        )
+        await kit.start()
+        app[HOLDER] = kit
+
+        async def ready() -> bool:
+            return kit.healthy
+
+        add_ready_check(app, f"holder:{holder_id}", ready)
+        yield
+        await kit.stop()
+
+    return holder_ctx
+

@@ -1,0 +1,227 @@
+"""devicesession and the holder kit on the real stack: minting, introspection, revocation fan-out."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import uuid
+import xml.etree.ElementTree as ET
+
+import aiohttp
+import pytest
+from aiokafka import AIOKafkaConsumer
+
+from deploy.launcher import Stack, free_port
+from shared import kafka
+from shared.events import AUTH_EVENTS, SESSIONS_REVOKED, PasswordChanged, envelope
+from shared.holder import holder_secret
+from tests.conftest import ROOT, TEST_HOLDERS, eventually
+
+pytestmark = [pytest.mark.stack, pytest.mark.timeout(240)]
+
+
+async def mint(stack: Stack, account_id: str, client: str, **extra: object) -> dict[str, object]:
+    async with aiohttp.ClientSession() as http:
+        async with http.post(stack.url("devicesession") + "/internal/sessions",
+                             json={"account_id": account_id, "client_identifier": client, "product": "Test Player",
+                                   "device_name": f"device {client}", "platform": "Linux", **extra},
+                             headers={"Authorization": f"Bearer {stack.env['INTERNAL_API_SECRET']}"}) as r:
+            assert r.status == 201, await r.text()
+            return dict(await r.json())
+
+
+async def introspect(stack: Stack, token: str, holder: str = "tests") -> dict[str, object]:
+    secret = holder_secret(stack.env["HOLDER_SECRET"], holder)
+    async with aiohttp.ClientSession() as http:
+        async with http.post(stack.edge_url + "/oauth/introspect", data={"token": token},
+                             auth=aiohttp.BasicAuth(holder, secret)) as r:
+            assert r.status == 200
+            return dict(await r.json())
+
+
+async def library_status(port: int, token: str) -> int:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{port}/library", headers={"X-Plex-Token": token}) as r:
+            return r.status
+
+
+def holder_ports(stack: Stack) -> list[int]:
+    return [stack.ports[f"holder:{h}"] for h in TEST_HOLDERS]
+
+
+async def publish_password_changed(stack: Stack, account_id: str, *, revoke: bool, keep: str | None = None,
+                                   env=None):  # type: ignore[no-untyped-def]
+    ev = env or envelope(PasswordChanged(account_id=account_id, email="x@example.org", username="x", cause="change",
+                                         revoke_sessions=revoke, keep_session_id=keep, notify=False),
+                         producer="tests", key=account_id)
+    producer = kafka.make_producer(stack.kafka_bootstrap)
+    await producer.start()
+    try:
+        await kafka.publish(producer, stack.topic_prefix + AUTH_EVENTS, ev)
+    finally:
+        await producer.stop()
+    return ev
+
+
+async def test_minted_token_introspects_and_holder_credentials_are_required(stack: Stack) -> None:
+    acct = str(uuid.uuid4())
+    s = await mint(stack, acct, "cid-1")
+    info = await introspect(stack, str(s["token"]))
+    assert info["active"] is True and info["account_id"] == acct and info["session_id"] == s["session_id"]
+    assert (await introspect(stack, "not-a-token")) == {"active": False}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(stack.edge_url + "/oauth/introspect", data={"token": s["token"]},
+                             auth=aiohttp.BasicAuth("tests", "wrong")) as r:
+            assert r.status == 401 and (await r.json())["error"] == "invalid_client"
+        async with http.post(stack.edge_url + "/internal/sessions", json={}) as r:
+            assert r.status == 404  # never routed by the edge
+        async with http.post(stack.url("devicesession") + "/internal/sessions", json={"account_id": acct}) as r:
+            assert r.status == 401
+
+
+async def test_mint_rejects_bad_input(stack: Stack) -> None:
+    async with aiohttp.ClientSession() as http:
+        hdr = {"Authorization": f"Bearer {stack.env['INTERNAL_API_SECRET']}"}
+        for body in ({"account_id": "nope", "client_identifier": "c"}, {"account_id": str(uuid.uuid4())},
+                     {"account_id": str(uuid.uuid4()), "client_identifier": "c", "kind": "toaster"}):
+            async with http.post(stack.url("devicesession") + "/internal/sessions", json=body, headers=hdr) as r:
+                assert r.status == 400
+        async with http.post(stack.url("devicesession") + "/internal/sessions", data=b"{", headers=hdr) as r:
+            assert r.status == 400
+
+
+async def test_password_change_with_sign_out_reaches_every_holder_within_two_seconds(stack: Stack) -> None:
+    acct, other = str(uuid.uuid4()), str(uuid.uuid4())
+    sessions = [await mint(stack, acct, f"dev-{i}") for i in range(4)]
+    bystander = await mint(stack, other, "bystander")
+    keep = sessions[0]
+    for port in holder_ports(stack):  # every holder caches every token first
+        for s in [*sessions, bystander]:
+            assert await library_status(port, str(s["token"])) == 200
+    await publish_password_changed(stack, acct, revoke=True, keep=str(keep["session_id"]))
+    started = asyncio.get_running_loop().time()
+
+    async def all_refused() -> bool:
+        for port in holder_ports(stack):
+            for s in sessions[1:]:
+                if await library_status(port, str(s["token"])) != 401:
+                    return False
+        return True
+
+    await eventually(all_refused, timeout=2.0, interval=0.02)
+    assert asyncio.get_running_loop().time() - started < 2.0
+    for s in sessions[1:]:
+        assert (await introspect(stack, str(s["token"])))["active"] is False
+    for port in holder_ports(stack):
+        assert await library_status(port, str(keep["token"])) == 200
+        assert await library_status(port, str(bystander["token"])) == 200
+
+
+async def test_password_change_without_sign_out_revokes_nothing(stack: Stack) -> None:
+    acct = str(uuid.uuid4())
+    s = await mint(stack, acct, "dev")
+    ev = await publish_password_changed(stack, acct, revoke=False)
+    await asyncio.sleep(1.0)
+    assert (await introspect(stack, str(s["token"])))["active"] is True
+    async with aiohttp.ClientSession() as http:
+        async with http.get(stack.url("devicesession") + "/internal/revocations",
+                            params={"causing_event_id": str(ev.id)},
+                            headers={"Authorization": f"Bearer {stack.env['INTERNAL_API_SECRET']}"}) as r:
+            assert r.status == 404
+
+
+async def test_redelivered_password_change_revokes_nothing_twice(stack: Stack) -> None:
+    acct = str(uuid.uuid4())
+    s1 = await mint(stack, acct, "a")
+    ev = await publish_password_changed(stack, acct, revoke=True)
+    await eventually(lambda: introspect_inactive(stack, str(s1["token"])), timeout=10)
+    s2 = await mint(stack, acct, "b")  # a new sign-in after the change
+    await publish_password_changed(stack, acct, revoke=True, env=ev)  # the same event again
+    await asyncio.sleep(1.5)
+    assert (await introspect(stack, str(s2["token"])))["active"] is True
+    consumer = AIOKafkaConsumer(stack.topic_prefix + SESSIONS_REVOKED, bootstrap_servers=stack.kafka_bootstrap,
+                                auto_offset_reset="earliest", group_id=f"check-{uuid.uuid4().hex[:6]}")
+    await consumer.start()
+    found = 0
+    try:
+        for _ in range(10):
+            for records in (await consumer.getmany(timeout_ms=300)).values():
+                found += sum(1 for r in records if str(ev.id).encode() in r.value)
+    finally:
+        await consumer.stop()
+    assert found == 1
+
+
+async def introspect_inactive(stack: Stack, token: str) -> bool:
+    return (await introspect(stack, token))["active"] is False
+
+
+async def test_holder_that_was_down_refuses_old_token_when_back(stack: Stack) -> None:
+    acct = str(uuid.uuid4())
+    s = await mint(stack, acct, "tv")
+    port = free_port()
+    argv = [sys.executable, "-m", "services.cli", "holder", "--name", "delta", "--port", str(port)]
+    env = {**stack.env, "SERVICE_NAME": "holder-delta", "CACHE_TTL": "3600"}
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        await eventually(lambda: ready(port), timeout=60, interval=0.2)
+        assert await library_status(port, str(s["token"])) == 200
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        await publish_password_changed(stack, acct, revoke=True)
+        await eventually(lambda: introspect_inactive(stack, str(s["token"])), timeout=10)
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        await eventually(lambda: ready(port), timeout=60, interval=0.2)
+        assert await library_status(port, str(s["token"])) == 401
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+async def ready(port: int) -> bool:
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port}/readyz") as r:
+                return r.status == 200
+    except aiohttp.ClientError:
+        return False
+
+
+async def test_device_list_and_removal_sign_that_device_out_everywhere(stack: Stack) -> None:
+    acct = str(uuid.uuid4())
+    me = await mint(stack, acct, "phone", kind="app")
+    tv = await mint(stack, acct, "tv-123", kind="player", provides="player")
+    server = await mint(stack, acct, "srv-1", kind="server", connections=[{"protocol": "http", "address": "10.0.0.5",
+                                                                            "port": 32400, "local": True}])
+    for port in holder_ports(stack):
+        assert await library_status(port, str(tv["token"])) == 200
+    async with aiohttp.ClientSession() as http:
+        async with http.get(stack.edge_url + "/devices.xml", headers={"X-Plex-Token": str(me["token"])}) as r:
+            assert r.status == 200
+            root = ET.fromstring(await r.read())
+        by_cid = {d.attrib["clientIdentifier"]: d.attrib for d in root.iter("Device")}
+        assert set(by_cid) == {"phone", "tv-123", "srv-1"} and root.attrib["size"] == "3"
+        assert by_cid["phone"]["token"] == me["token"] and by_cid["tv-123"]["token"] == ""
+        async with http.get(stack.edge_url + "/api/v2/resources?includeHttps=1&includeRelay=1",
+                            headers={"X-Plex-Token": str(me["token"])}) as r:
+            res = ET.fromstring(await r.read())
+        servers = [x for x in res.iter("resource") if "server" in x.attrib["provides"]]
+        assert [x.attrib["clientIdentifier"] for x in servers] == ["srv-1"]
+        conn = servers[0].find("connections/connection")
+        assert conn is not None and conn.attrib["uri"] == "http://10.0.0.5:32400" and conn.attrib["local"] == "1"
+        async with http.delete(stack.edge_url + f"/devices/{by_cid['tv-123']['id']}.xml",
+                               headers={"X-Plex-Token": str(me["token"])}) as r:
+            assert r.status == 204
+        async with http.delete(stack.edge_url + "/devices/999999999.xml",
+                               headers={"X-Plex-Token": str(me["token"])}) as r:
+            assert r.status == 404
+        async with http.get(stack.edge_url + "/devices.xml", headers={"X-Plex-Token": "bogus"}) as r:
+            assert r.status == 401
+
+    async def tv_refused_everywhere() -> bool:
+        return all([await library_status(p, str(tv["token"])) == 401 for p in holder_ports(stack)])
+
+    await eventually(tv_refused_everywhere, timeout=2.0, interval=0.02)
+    assert (await introspect(stack, str(server["token"])))["active"] is True
