@@ -75,6 +75,9 @@ async def form(request: web.Request) -> MultiDictProxy[str]:
             raise ValidationFailed("the JSON body must be an object")
         data = MultiDictProxy(MultiDict((str(k), _scalar(v)) for k, v in obj.items() if v is not None))
     else:
+        if request.body_exists and await request.read():  # read() enforces the body size limit (413)
+            raise HearthError("send form fields (application/x-www-form-urlencoded, multipart/form-data) or JSON",
+                              status=415, code="unsupported_media_type", plex_code=1415)
         data = MultiDictProxy(MultiDict())
     request[_FORM] = data
     return data

@@ -77,6 +77,9 @@ def stack_obj() -> Iterator[Stack]:
             **extra,
             "DB_NAME_PREFIX": f"t{RUN_ID}_",
             "ARGON2_MEMORY_KIB": "19456",
+            # Every edge request comes from 127.0.0.1: per-address limits sized for a whole suite.
+            "SIGNIN_FREE_FAILURES_PER_ADDRESS": "50",
+            "RESET_REQUESTS_PER_ADDRESS": "1000",
             "LOG_LEVEL": "INFO",
         },
     )
@@ -130,6 +133,62 @@ async def scratch_db(infra: Infra) -> AsyncIterator[str]:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await conn.close()
+
+
+async def edge_json(stack: Stack, method: str, path: str, **kw):  # type: ignore[no-untyped-def]
+    """Call the edge with Accept: application/json; returns (status, body or None, headers)."""
+    import aiohttp
+
+    headers = {"Accept": "application/json", "X-Plex-Client-Identifier": "tests", **kw.pop("headers", {})}
+    async with aiohttp.ClientSession() as http:
+        async with http.request(method, stack.edge_url + path, headers=headers, **kw) as r:
+            body = await r.json(content_type=None) if (await r.read()) else None
+            return r.status, body, r.headers
+
+
+class EventTap:
+    """Collects every event of some topics from the beginning, in the background."""
+
+    def __init__(self, bootstrap: str, topics: list[str]) -> None:
+        from aiokafka import AIOKafkaConsumer
+
+        self.consumer = AIOKafkaConsumer(*topics, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                         group_id=f"tap-{uuid.uuid4().hex[:8]}")
+        self.events: list = []  # type: ignore[type-arg]
+        self.task: asyncio.Task | None = None  # type: ignore[type-arg]
+
+    async def start(self) -> None:
+        from shared.events import Envelope
+
+        await self.consumer.start()
+
+        async def run() -> None:
+            async for rec in self.consumer:
+                try:
+                    self.events.append(Envelope.decode(rec.value))
+                except ValueError:
+                    pass
+
+        self.task = asyncio.create_task(run())
+
+    async def stop(self) -> None:
+        if self.task:
+            self.task.cancel()
+        await self.consumer.stop()
+
+    def of(self, type_: str, **match: object) -> list:  # type: ignore[type-arg]
+        return [e for e in self.events if e.type == type_ and all(e.data.get(k) == v for k, v in match.items())]
+
+
+@pytest.fixture(scope="session")
+async def tap(stack: Stack):  # type: ignore[no-untyped-def]
+    from shared.events import AUTH_EVENTS, DEVICESESSION_EVENTS, LINKCODE_EVENTS, SESSIONS_REVOKED
+
+    t = EventTap(stack.kafka_bootstrap, [stack.topic_prefix + x for x in
+                                         (AUTH_EVENTS, SESSIONS_REVOKED, DEVICESESSION_EVENTS, LINKCODE_EVENTS)])
+    await t.start()
+    yield t
+    await t.stop()
 
 
 async def eventually(check, timeout: float = 10.0, interval: float = 0.05):  # type: ignore[no-untyped-def]

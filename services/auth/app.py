@@ -1,18 +1,78 @@
-"""create_app(settings): the auth service's resources, middlewares and routes."""
+"""create_app(settings): auth's resources and routes."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from aiohttp import web
 
+from services.auth import routes, store
+from services.auth.service import Auth, Topics
 from services.auth.settings import Settings
-from shared.app import base_app, pool_ctx, producer_ctx, relay_ctx
+from shared.app import POOL, SETTINGS, base_app, pool_ctx, producer_ctx, relay_ctx
+from shared.crypto import parse_keys
+from shared.events import AUTH_EVENTS
+from shared.holder import holder_ctx_factory
+from shared.internal import InternalClient
+from shared.passwords import HashParams, Passwords
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+log = logging.getLogger(__name__)
+
+
+def _settings(app: web.Application) -> Settings:
+    s = app[SETTINGS]
+    assert isinstance(s, Settings)
+    return s
+
+
+async def auth_ctx(app: web.Application) -> AsyncIterator[None]:
+    s = _settings(app)
+    peppers = parse_keys(s.password_peppers.get_secret_value()) if s.password_peppers.get_secret_value() else {}
+    passwords = Passwords(HashParams(s.argon2_memory_kib, s.argon2_time_cost, s.argon2_parallelism),
+                          peppers=peppers, concurrency=s.argon2_concurrency)
+    app[routes.AUTH] = Auth(s, app[POOL], passwords, Topics(auth_events=s.topic(AUTH_EVENTS)))
+    app[routes.DEVICESESSION] = InternalClient(s.devicesession_url, s.internal_api_secret.get_secret_value())
+    app[routes.BACKGROUND] = set()
+    yield
+    pending: set[asyncio.Task[None]] = app[routes.BACKGROUND]
+    if pending:
+        await asyncio.wait(pending, timeout=10)
+    await app[routes.DEVICESESSION].close()
+    passwords.close()
+
+
+async def housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Purge long-expired reset tokens and stale throttle rows every few minutes."""
+
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(300)
+            try:
+                await store.purge_expired(app[POOL])
+            except Exception:
+                log.exception("housekeeping failed")
+
+    task = asyncio.create_task(loop())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def create_app(settings: Settings) -> web.Application:
     app = base_app(settings)
-    app.cleanup_ctx.extend([pool_ctx([("auth", MIGRATIONS)]), producer_ctx, relay_ctx])
+    app.cleanup_ctx.extend([
+        pool_ctx([("auth", MIGRATIONS)]),
+        producer_ctx,
+        relay_ctx,
+        auth_ctx,
+        holder_ctx_factory("auth"),  # type: ignore[list-item]
+        housekeeping_ctx,
+    ])
+    routes.setup_routes(app)
     return app

@@ -2,8 +2,30 @@
 
 from __future__ import annotations
 
+from pydantic import SecretStr
+
 from shared.settings import CommonSettings
 
 
 class Settings(CommonSettings):
     service_name: str = "auth"
+    # Sealing keys for secrets that notification must read (id:base64key,...; first one seals).
+    seal_keys: SecretStr
+    # Optional pepper keys (id:base64key,...; first one is current). Empty: no pepper.
+    password_peppers: SecretStr = SecretStr("")
+    # argon2id cost; the default is OWASP's minimum for argon2id (19 MiB, 2 passes, parallelism 1).
+    argon2_memory_kib: int = 19 * 1024
+    argon2_time_cost: int = 2
+    argon2_parallelism: int = 1
+    # Hashes computed at once (threads); each holds ARGON2_MEMORY_KIB while it runs.
+    argon2_concurrency: int = 2
+    reset_token_ttl: int = 3600
+    # Sign-in throttling: free failures per window, then blocked for 2^(n - free) seconds (capped).
+    signin_free_failures_per_login: int = 5
+    signin_free_failures_per_address: int = 20
+    signin_window: int = 900
+    signin_max_block: int = 900
+    # Reset requests: per address and per email address, per window.
+    reset_requests_per_address: int = 10
+    reset_requests_per_email: int = 3
+    reset_window: int = 3600

@@ -1,0 +1,282 @@
+"""auth's HTTP handlers: parse -> call service -> render (Plex XML by default, JSON when asked)."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from services.auth import store
+from services.auth.errors import InvalidToken
+from services.auth.service import Auth
+from services.auth.settings import Settings
+from shared import plex
+from shared.app import SETTINGS
+from shared.errors import MissingClientIdentifier, NotFound, ValidationFailed
+from shared.holder import HOLDER, Principal
+from shared.internal import InternalClient, require_internal
+from shared.tokens import same
+
+AUTH = web.AppKey("auth", Auth)
+DEVICESESSION = web.AppKey("devicesession", InternalClient)
+BACKGROUND = web.AppKey("background", set)
+
+
+def _settings(request: web.Request) -> Settings:
+    s = request.app[SETTINGS]
+    assert isinstance(s, Settings)
+    return s
+
+
+def client_address(request: web.Request) -> str:
+    """The caller's address; X-Forwarded-For is trusted only from the loopback edge."""
+    remote = request.remote or ""
+    forwarded = request.headers.get("X-Forwarded-For", "")
+    try:
+        trusted = ipaddress.ip_address(remote).is_loopback
+    except ValueError:
+        trusted = False
+    if trusted and forwarded:
+        candidate = forwarded.split(",")[-1].strip()
+        try:
+            return str(ipaddress.ip_address(candidate))
+        except ValueError:
+            pass
+    return remote or "unknown"
+
+
+def _is_internal(request: web.Request) -> bool:
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    return scheme.lower() == "bearer" and same(value.strip(), _settings(request).internal_api_secret.get_secret_value())
+
+
+def user_view(account: store.Account, token: str | None) -> tuple[Any, dict[str, Any]]:
+    """The user in Plex's XML shape (python-plexapi) and JSON shape (typed Go/Rust clients)."""
+    joined = int(account.created_at.timestamp())
+    attrs = {
+        "id": account.num, "uuid": account.id.hex, "username": account.username, "title": account.username,
+        "friendlyName": account.username, "email": account.email, "thumb": "", "authToken": token or "",
+        "scrobbleTypes": "", "joinedAt": joined, "hasPassword": True, "confirmed": True, "emailOnlyAuth": False,
+        "twoFactorEnabled": False, "home": False, "guest": False, "restricted": False, "protected": False,
+        "homeAdmin": False, "homeSize": 1, "maxHomeSize": 15, "mailingListActive": False, "country": "",
+        "experimentalFeatures": False, "backupCodesCreated": False, "locale": "",
+    }
+    xml = plex.element(
+        "user", attrs,
+        plex.element("subscription", {"active": False, "status": "Inactive", "plan": "", "paymentService": ""},
+                     plex.element("features")),
+        plex.element("profile", {"autoSelectAudio": True, "autoSelectSubtitle": 0,
+                                 "defaultSubtitleAccessibility": 0, "defaultSubtitleForced": 0}),
+        plex.element("entitlements"), plex.element("roles"), plex.element("services"),
+    )
+    json = {
+        **attrs,
+        "authToken": token,
+        "subscription": {"active": False, "status": "Inactive", "features": [], "plan": None},
+        "profile": {"autoSelectAudio": True, "autoSelectSubtitle": 0, "defaultSubtitleAccessibility": 0,
+                    "defaultSubtitleForced": 0, "defaultAudioLanguage": None, "defaultSubtitleLanguage": None},
+        "entitlements": [], "services": [], "roles": [], "anonymous": None, "subscriptions": [],
+        "pin": None, "attributionPartner": None,
+    }
+    return xml, json
+
+
+def _kind(request: web.Request, provides: str | None) -> str:
+    requested = request.headers.get("X-Hearth-Device-Kind")
+    if requested and _is_internal(request):
+        return requested
+    p = (provides or "").lower()
+    for kind in ("server", "player", "controller"):
+        if kind in p:
+            return kind
+    return "app"
+
+
+async def _mint(request: web.Request, account: store.Account, remember: bool) -> str:
+    info = await plex.client_info(request)
+    if not info.client_identifier:
+        raise MissingClientIdentifier()
+    answer = await request.app[DEVICESESSION].call("POST", "/internal/sessions", {
+        "account_id": str(account.id), "client_identifier": info.client_identifier,
+        "kind": _kind(request, info.provides), "product": info.product or "", "version": info.version or "",
+        "platform": info.platform or "", "platform_version": info.platform_version or "",
+        "device": info.device or "", "device_name": info.device_name or "", "model": info.model or "",
+        "vendor": info.vendor or "", "provides": info.provides or "", "public_address": client_address(request),
+        "remember": remember,
+    })
+    return str(answer["token"])
+
+
+async def _principal(request: web.Request) -> tuple[Principal, str]:
+    token = await plex.param(request, "X-Plex-Token")
+    principal = await request.app[HOLDER].validate(token)
+    if principal is None or token is None:
+        raise InvalidToken()
+    return principal, token
+
+
+async def _account_of(request: web.Request) -> tuple[store.Account, Principal, str]:
+    principal, token = await _principal(request)
+    account = await store.find_by_id(request.app[AUTH].pool, uuid.UUID(principal.account_id))
+    if account is None:
+        raise InvalidToken()
+    return account, principal, token
+
+
+def _user(request: web.Request, account: store.Account, token: str | None, status: int = 200) -> web.Response:
+    xml, json = user_view(account, token)
+    return plex.respond(request, xml=xml, json=json, status=status)
+
+
+# --------------------------------------------------------------------------------- Plex routes
+
+
+async def create_user(request: web.Request) -> web.Response:
+    f = await plex.form(request)
+    account = await request.app[AUTH].sign_up(f.get("email") or f.get("user[email]"),
+                                              f.get("username") or f.get("user[username]"),
+                                              f.get("password") or f.get("user[password]"))
+    token = None
+    if await plex.param(request, "X-Plex-Client-Identifier"):
+        token = await _mint(request, account, remember=True)
+    return _user(request, account, token, status=201)
+
+
+async def sign_in(request: web.Request) -> web.Response:
+    f = await plex.form(request)
+    login = f.get("login") or f.get("user[login]") or f.get("email") or f.get("username")
+    password = f.get("password") or f.get("user[password]")
+    if not await plex.param(request, "X-Plex-Client-Identifier"):
+        raise MissingClientIdentifier()
+    remember = plex.parse_bool(f.get("rememberMe"), default=True)
+    account = await request.app[AUTH].authenticate(login, password, client_address(request))
+    token = await _mint(request, account, remember)
+    return _user(request, account, token, status=201)
+
+
+async def get_user(request: web.Request) -> web.Response:
+    account, _, token = await _account_of(request)
+    return _user(request, account, token)
+
+
+async def sign_out(request: web.Request) -> web.Response:
+    _, token = await _principal(request)
+    await request.app[DEVICESESSION].call("POST", "/internal/sessions/revoke", {"token": token})
+    return web.Response(status=204)
+
+
+async def ping(request: web.Request) -> web.Response:
+    await _principal(request)
+    return plex.respond(request, xml=plex.element("response", text="true"), json={"pong": True})
+
+
+async def home_users(request: web.Request) -> web.Response:
+    await _principal(request)
+    return plex.respond(request, xml=plex.element("MediaContainer", {"friendlyName": "myPlex", "size": 0}),
+                        json={"MediaContainer": {"size": 0, "User": []}})
+
+
+async def request_reset(request: web.Request) -> web.Response:
+    f = await plex.form(request)
+    email = f.get("email") or f.get("user[email]")
+    auth = request.app[AUTH]
+    await auth.request_reset(email, client_address(request))
+    # The work that depends on whether the account exists happens after the answer, so neither the
+    # answer nor its timing tells.
+    assert email is not None
+    task = asyncio.create_task(auth.send_reset(email))
+    request.app[BACKGROUND].add(task)
+    task.add_done_callback(request.app[BACKGROUND].discard)
+    return web.Response(status=204)
+
+
+async def reset_password(request: web.Request) -> web.Response:
+    f = await plex.form(request)
+    event_id = await request.app[AUTH].reset_password(
+        f.get("resetToken") or f.get("token"), f.get("password"), plex.parse_bool(f.get("signOutDevices")))
+    return web.Response(status=204, headers={"X-Hearth-Event-Id": event_id})
+
+
+async def change_password(request: web.Request) -> web.Response:
+    _, principal, _ = await _account_of(request)
+    f = await plex.form(request)
+    event_id = await request.app[AUTH].change_password(
+        uuid.UUID(principal.account_id), principal.session_id, f.get("currentPassword"), f.get("password"),
+        plex.parse_bool(f.get("signOutDevices")), client_address(request))
+    return web.Response(status=204, headers={"X-Hearth-Event-Id": event_id})
+
+
+# --------------------------------------------------------------------------------- internal
+
+
+def _account_json(a: store.Account) -> dict[str, Any]:
+    return {"id": str(a.id), "uuid": a.id.hex, "num": a.num, "username": a.username, "email": a.email,
+            "created_at": a.created_at.isoformat(), "reset_required": a.reset_required_at is not None}
+
+
+async def internal_account(request: web.Request) -> web.Response:
+    require_internal(request, _settings(request).internal_api_secret.get_secret_value())
+    try:
+        account_id = uuid.UUID(request.match_info["account_id"])
+    except ValueError:
+        raise NotFound("no such account") from None
+    account = await store.find_by_id(request.app[AUTH].pool, account_id)
+    if account is None:
+        raise NotFound("no such account")
+    return web.json_response(_account_json(account))
+
+
+async def internal_find_account(request: web.Request) -> web.Response:
+    require_internal(request, _settings(request).internal_api_secret.get_secret_value())
+    from services.auth.service import normalise_login
+
+    login = request.query.get("login", "")
+    if not login or len(login) > 254:
+        raise ValidationFailed("login is required", field="login")
+    account = await store.find_by_login(request.app[AUTH].pool, normalise_login(login))
+    if account is None:
+        raise NotFound("no such account")
+    return web.json_response(_account_json(account))
+
+
+async def internal_require_reset(request: web.Request) -> web.Response:
+    require_internal(request, _settings(request).internal_api_secret.get_secret_value())
+    try:
+        account_id = uuid.UUID(request.match_info["account_id"])
+        body = await request.json()
+    except ValueError:
+        raise ValidationFailed("a JSON body and an account UUID are required") from None
+    if not isinstance(body, dict):
+        raise ValidationFailed("the body must be a JSON object")
+    reason = str(body.get("reason") or "")[:500]
+    if not reason:
+        raise ValidationFailed("reason is required", field="reason")
+    incident = body.get("incident_id")
+    flagged = await request.app[AUTH].require_reset(
+        account_id, reason=reason, incident_id=str(incident)[:100] if incident else None,
+        notify=bool(body.get("notify")), revoke_sessions=bool(body.get("revoke_sessions")))
+    if not flagged:
+        raise NotFound("no such account")
+    return web.json_response({"flagged": True})
+
+
+def setup_routes(app: web.Application) -> None:
+    r = app.router
+    for suffix in ("", ".json", ".xml"):
+        r.add_post(f"/api/v2/users{suffix}", create_user)
+        r.add_post(f"/api/v2/users/signin{suffix}", sign_in)
+        r.add_get(f"/api/v2/user{suffix}", get_user)
+        r.add_delete(f"/api/v2/users/signout{suffix}", sign_out)
+        r.add_get(f"/api/v2/ping{suffix}", ping)
+        r.add_post(f"/api/v2/users/password/reset{suffix}", request_reset)
+        r.add_put(f"/api/v2/users/password{suffix}", reset_password)
+        r.add_put(f"/api/v2/user/password{suffix}", change_password)
+    r.add_get("/api/users", home_users)
+    r.add_get("/api/users/", home_users)
+    r.add_get("/internal/accounts", internal_find_account)
+    r.add_get("/internal/accounts/{account_id}", internal_account)
+    r.add_post("/internal/accounts/{account_id}/reset-required", internal_require_reset)

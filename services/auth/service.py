@@ -1,0 +1,308 @@
+"""auth's domain logic: accounts, sign-in, password policy, reset and change. Knows no HTTP.
+
+Invariants:
+- Every password change (reset, change, forced) updates the hash, stamps ``password_changed_at``,
+  clears the reset-required flag and writes ``password.changed`` in ONE transaction.
+- Reset tokens (>= 256 bits) exist in plaintext only inside the sealed event for notification; the
+  database holds their HMAC; redemption is a single conditional UPDATE.
+- Sign-in answers an unknown login exactly like a wrong password, after the same argon2 work.
+- Throttling scopes are keyed by the normalised login string and the client address, never by
+  whether an account exists.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from functools import lru_cache
+
+import asyncpg
+
+from services.auth import store
+from services.auth.errors import (
+    BadCredentials,
+    EmailTaken,
+    InvalidField,
+    InvalidResetToken,
+    ResetRequired,
+    SignInThrottled,
+    UsernameTaken,
+    WeakPassword,
+)
+from services.auth.settings import Settings
+from shared import outbox, tokens
+from shared.crypto import Sealer
+from shared.events import (
+    AccountCreated,
+    AccountResetRequired,
+    PasswordChanged,
+    PasswordResetRequested,
+    envelope,
+    iso,
+    utcnow,
+)
+from shared.passwords import Passwords
+
+PRODUCER = "auth"
+MIN_PASSWORD = 8
+MAX_PASSWORD = 1024
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?"
+_EMAIL = re.compile(rf"^[^@\s\x00-\x1f]{{1,64}}@{_LABEL}(?:\.{_LABEL})+$")
+_USERNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{2,31}$")
+
+
+@lru_cache(maxsize=1)
+def common_passwords() -> frozenset[str]:
+    """The 30,000 most common passwords, from zxcvbn's bundled (offline) frequency list."""
+    from zxcvbn.frequency_lists import FREQUENCY_LISTS
+
+    return frozenset(FREQUENCY_LISTS["passwords"])
+
+
+def normalise_email(email: str) -> str:
+    return unicodedata.normalize("NFKC", email).strip().lower()
+
+
+def normalise_login(login: str) -> str:
+    return unicodedata.normalize("NFKC", login).strip().lower()
+
+
+def check_email(email: str | None) -> str:
+    if not email:
+        raise InvalidField("email is required", field="email")
+    email = unicodedata.normalize("NFKC", email).strip()
+    if len(email) > 254 or not _EMAIL.match(email):
+        raise InvalidField("email is not a valid address", field="email")
+    local, _, domain = email.rpartition("@")
+    return f"{local}@{domain.lower()}"  # domains are case-insensitive; the local part is kept as typed
+
+
+def check_username(username: str | None) -> str:
+    if not username:
+        raise InvalidField("username is required", field="username")
+    username = username.strip()
+    if not _USERNAME.match(username):
+        raise InvalidField("username must be 3-32 letters, digits, '.', '_' or '-', starting with a letter or digit",
+                           field="username")
+    return username
+
+
+def check_password(password: str | None, *, email: str, username: str) -> str:
+    """The policy; the error names the rule that failed."""
+    if not password:
+        raise WeakPassword("password is required", field="password")
+    if len(password) < MIN_PASSWORD:
+        raise WeakPassword(f"the password must have at least {MIN_PASSWORD} characters", field="password")
+    if len(password) > MAX_PASSWORD:
+        raise WeakPassword(f"the password must have at most {MAX_PASSWORD} characters", field="password")
+    lowered = password.lower()
+    if lowered in common_passwords():
+        raise WeakPassword("this password is too common; choose another", field="password")
+    local = email.split("@", 1)[0].lower()
+    if lowered == email.lower() or (len(local) >= 4 and local in lowered):
+        raise WeakPassword("the password must not contain your email address", field="password")
+    if username and username.lower() in lowered:
+        raise WeakPassword("the password must not contain your username", field="password")
+    return password
+
+
+@dataclass(frozen=True)
+class Topics:
+    auth_events: str
+
+
+class Auth:
+    """The service object: settings, pool, hasher, sealer."""
+
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, passwords: Passwords, topics: Topics) -> None:
+        self.s = settings
+        self.pool = pool
+        self.passwords = passwords
+        self.sealer = Sealer(settings.seal_keys.get_secret_value())
+        self.topics = topics
+        self.key = settings.hmac_key()
+
+    # ------------------------------------------------------------------ accounts
+
+    async def sign_up(self, email: str | None, username: str | None, password: str | None) -> store.Account:
+        email = check_email(email)
+        username = check_username(username)
+        check_password(password, email=email, username=username)
+        assert password is not None
+        password_hash = await self.passwords.hash(password)
+        account_id = uuid.uuid4()
+        async with self.pool.acquire() as conn:
+            try:
+                async with conn.transaction():
+                    account = await store.insert_account(conn, account_id, email, normalise_email(email), username,
+                                                         username.lower(), password_hash)
+                    await outbox.add(conn, self.topics.auth_events, envelope(
+                        AccountCreated(account_id=str(account_id), email=email, username=username),
+                        producer=PRODUCER, key=str(account_id)))
+            except asyncpg.UniqueViolationError as exc:
+                if "email" in (exc.constraint_name or ""):
+                    raise EmailTaken(field="email") from None
+                raise UsernameTaken(field="username") from None
+        return account
+
+    # ------------------------------------------------------------------ sign-in
+
+    def _scopes(self, login_norm: str, address: str) -> tuple[str, str]:
+        return f"signin:login:{login_norm}", f"signin:addr:{address}"
+
+    async def check_throttle(self, scopes: list[str]) -> None:
+        wait = await store.throttle_blocked(self.pool, scopes)
+        if wait > 0:
+            raise SignInThrottled(f"Too many failed attempts; try again in {int(wait) + 1} seconds",
+                                  retry_after=int(wait) + 1)
+
+    async def _failure(self, login_scope: str, addr_scope: str) -> None:
+        s = self.s
+        await store.throttle_hit(self.pool, login_scope, free=s.signin_free_failures_per_login,
+                                 window=s.signin_window, max_block=s.signin_max_block)
+        await store.throttle_hit(self.pool, addr_scope, free=s.signin_free_failures_per_address,
+                                 window=s.signin_window, max_block=s.signin_max_block)
+
+    async def authenticate(self, login: str | None, password: str | None, address: str) -> store.Account:
+        """Check credentials with throttling; raises BadCredentials, SignInThrottled, ResetRequired."""
+        if not login or not password or len(login) > 254 or len(password) > MAX_PASSWORD:
+            raise BadCredentials()
+        login_norm = normalise_login(login)
+        login_scope, addr_scope = self._scopes(login_norm, address)
+        await self.check_throttle([login_scope, addr_scope])
+        account = await store.find_by_login(self.pool, login_norm)
+        if account is None:
+            await self.passwords.verify_dummy(password)
+            await self._failure(login_scope, addr_scope)
+            raise BadCredentials()
+        result = await self.passwords.verify(account.password_hash, password)
+        if not result.ok:
+            await self._failure(login_scope, addr_scope)
+            raise BadCredentials()
+        await store.throttle_clear(self.pool, login_scope)
+        if account.reset_required_at is not None:
+            raise ResetRequired()
+        if result.needs_rehash:
+            await store.update_password_hash(self.pool, account.id, account.password_hash,
+                                             await self.passwords.hash(password))
+        return account
+
+    # ------------------------------------------------------------------ reset by email
+
+    async def request_reset(self, email: str | None, address: str) -> None:
+        """Throttle by address and by email string; the caller answers 204 either way."""
+        if not email or len(email) > 254:
+            raise InvalidField("email is required", field="email")
+        email_norm = normalise_email(email)
+        s = self.s
+        scopes = [f"reset:addr:{address}", f"reset:email:{email_norm}"]
+        wait = await store.throttle_blocked(self.pool, scopes)
+        if wait > 0:
+            raise SignInThrottled(f"Too many reset requests; try again in {int(wait) + 1} seconds",
+                                  retry_after=int(wait) + 1, code="too_many_reset_requests")
+        await store.throttle_hit(self.pool, scopes[0], free=s.reset_requests_per_address, window=s.reset_window,
+                                 max_block=s.reset_window)
+        await store.throttle_hit(self.pool, scopes[1], free=s.reset_requests_per_email, window=s.reset_window,
+                                 max_block=s.reset_window)
+
+    async def send_reset(self, email: str) -> None:
+        """Create a reset token and its sealed event, if the account exists (runs after the answer)."""
+        account = await store.find_by_login(self.pool, normalise_email(email))
+        if account is None:
+            return
+        async with self.pool.acquire() as conn, conn.transaction():
+            await self._issue_reset(conn, account)
+
+    async def _issue_reset(self, conn: asyncpg.Connection, account: store.Account) -> None:
+        token = tokens.new_token(tokens.RESET_TOKEN_BYTES)
+        expires = utcnow() + timedelta(seconds=self.s.reset_token_ttl)
+        await store.insert_reset_token(conn, tokens.digest(self.key, token, purpose="reset"), account.id, expires)
+        event = PasswordResetRequested(
+            account_id=str(account.id), email=account.email, username=account.username,
+            sealed_token=self.sealer.seal(token, context=str(account.id)), reset_url=self.reset_url(),
+            expires_at=iso(expires),
+        )
+        await outbox.add(conn, self.topics.auth_events, envelope(event, producer=PRODUCER, key=str(account.id)))
+
+    def reset_url(self) -> str:
+        return self.s.public_base_url.rstrip("/") + "/reset"
+
+    async def reset_password(self, reset_token: str | None, password: str | None, sign_out: bool) -> str:
+        """Redeem a reset token; returns the password.changed event id."""
+        if not reset_token or len(reset_token) > 256:
+            raise InvalidResetToken()
+        token_hmac = tokens.digest(self.key, reset_token, purpose="reset")
+        account_id = await store.peek_reset_token(self.pool, token_hmac)
+        account = await store.find_by_id(self.pool, account_id) if account_id else None
+        if account is None:
+            raise InvalidResetToken()
+        check_password(password, email=account.email, username=account.username)
+        assert password is not None
+        new_hash = await self.passwords.hash(password)
+        async with self.pool.acquire() as conn, conn.transaction():
+            if await store.consume_reset_token(conn, token_hmac) is None:
+                raise InvalidResetToken()  # used concurrently, or expired meanwhile
+            return await self._change(conn, account, new_hash, cause="reset", revoke=sign_out, keep=None)
+
+    # ------------------------------------------------------------------ change while signed in
+
+    async def change_password(self, account_id: uuid.UUID, session_id: str, current: str | None,
+                              password: str | None, sign_out: bool, address: str) -> str:
+        account = await store.find_by_id(self.pool, account_id)
+        if account is None:
+            raise BadCredentials()
+        login_scope, addr_scope = self._scopes(account.username.lower(), address)
+        await self.check_throttle([login_scope, addr_scope])
+        if not current or len(current) > MAX_PASSWORD:
+            raise BadCredentials("the current password is wrong", field="currentPassword")
+        if not (await self.passwords.verify(account.password_hash, current)).ok:
+            await self._failure(login_scope, addr_scope)
+            raise BadCredentials("the current password is wrong", field="currentPassword")
+        check_password(password, email=account.email, username=account.username)
+        assert password is not None
+        new_hash = await self.passwords.hash(password)
+        async with self.pool.acquire() as conn, conn.transaction():
+            return await self._change(conn, account, new_hash, cause="change", revoke=sign_out, keep=session_id)
+
+    async def _change(self, conn: asyncpg.Connection, account: store.Account, new_hash: str, *, cause: str,
+                      revoke: bool, keep: str | None) -> str:
+        changed_at: datetime = await store.set_password(conn, account.id, new_hash)
+        env = envelope(
+            PasswordChanged(account_id=str(account.id), email=account.email, username=account.username, cause=cause,
+                            revoke_sessions=revoke, keep_session_id=keep, changed_at=iso(changed_at)),
+            producer=PRODUCER, key=str(account.id),
+        )
+        await outbox.add(conn, self.topics.auth_events, env)
+        return str(env.id)
+
+    # ------------------------------------------------------------------ reset required
+
+    async def require_reset(self, account_id: uuid.UUID, *, reason: str, incident_id: str | None, notify: bool,
+                            revoke_sessions: bool) -> bool:
+        """Flag one account; with ``notify`` the event carries a sealed reset token for the email."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            account = await store.find_by_id(conn, account_id)
+            if account is None or not await store.flag_reset_required(conn, account_id, reason, incident_id):
+                return False
+            sealed = expires = None
+            if notify:
+                token = tokens.new_token(tokens.RESET_TOKEN_BYTES)
+                exp = utcnow() + timedelta(seconds=self.s.reset_token_ttl)
+                await store.insert_reset_token(conn, tokens.digest(self.key, token, purpose="reset"), account_id, exp,
+                                               incident_id)
+                sealed, expires = self.sealer.seal(token, context=str(account_id)), iso(exp)
+            await outbox.add(conn, self.topics.auth_events, envelope(
+                AccountResetRequired(account_id=str(account_id), email=account.email, username=account.username,
+                                     reason=reason, incident_id=incident_id, notify=notify, sealed_token=sealed,
+                                     reset_url=self.reset_url() if notify else None, expires_at=expires),
+                producer=PRODUCER, key=str(account_id)))
+            if revoke_sessions:
+                await outbox.add(conn, self.topics.auth_events, envelope(
+                    PasswordChanged(account_id=str(account_id), email=account.email, username=account.username,
+                                    cause="forced", revoke_sessions=True, incident_id=incident_id, reason=reason,
+                                    notify=False, changed_at=iso(utcnow())),
+                    producer=PRODUCER, key=str(account_id)))
+        return True

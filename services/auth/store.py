@@ -1,0 +1,158 @@
+"""Plain SQL over asyncpg for accounts, reset tokens and throttles.
+
+Uniqueness of emails and usernames is the database's job (unique normalised columns); a reset
+token is redeemed with one conditional UPDATE, so two concurrent redemptions cannot both succeed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from uuid import UUID
+
+import asyncpg
+
+
+@dataclass(frozen=True)
+class Account:
+    id: UUID
+    num: int
+    email: str
+    username: str
+    password_hash: str
+    created_at: datetime
+    password_changed_at: datetime | None
+    reset_required_at: datetime | None
+    reset_required_reason: str | None
+
+
+_COLS = ("id, num, email, username, password_hash, created_at, password_changed_at, reset_required_at,"
+         " reset_required_reason")
+
+
+def _account(row: asyncpg.Record | None) -> Account | None:
+    return Account(**dict(row)) if row is not None else None
+
+
+async def insert_account(conn: asyncpg.Connection, account_id: UUID, email: str, email_norm: str, username: str,
+                         username_norm: str, password_hash: str) -> Account:
+    row = await conn.fetchrow(
+        f"INSERT INTO accounts (id, email, email_norm, username, username_norm, password_hash)"
+        f" VALUES ($1, $2, $3, $4, $5, $6) RETURNING {_COLS}",
+        account_id, email, email_norm, username, username_norm, password_hash,
+    )
+    account = _account(row)
+    assert account is not None
+    return account
+
+
+async def find_by_login(conn: asyncpg.Connection | asyncpg.Pool, login_norm: str) -> Account | None:
+    """By normalised email or username (an email always contains '@', a username never does)."""
+    column = "email_norm" if "@" in login_norm else "username_norm"
+    return _account(await conn.fetchrow(f"SELECT {_COLS} FROM accounts WHERE {column} = $1", login_norm))
+
+
+async def find_by_id(conn: asyncpg.Connection | asyncpg.Pool, account_id: UUID) -> Account | None:
+    return _account(await conn.fetchrow(f"SELECT {_COLS} FROM accounts WHERE id = $1", account_id))
+
+
+async def update_password_hash(conn: asyncpg.Connection | asyncpg.Pool, account_id: UUID, old_hash: str,
+                               new_hash: str) -> None:
+    """Rehash on sign-in: only if nobody changed the password meanwhile."""
+    await conn.execute("UPDATE accounts SET password_hash = $3 WHERE id = $1 AND password_hash = $2",
+                       account_id, old_hash, new_hash)
+
+
+async def set_password(conn: asyncpg.Connection, account_id: UUID, new_hash: str) -> datetime:
+    """A password change: new hash, change time, reset-required flag cleared."""
+    changed: datetime = await conn.fetchval(
+        "UPDATE accounts SET password_hash = $2, password_changed_at = now(), reset_required_at = NULL,"
+        " reset_required_reason = NULL, reset_required_incident = NULL WHERE id = $1 RETURNING password_changed_at",
+        account_id, new_hash,
+    )
+    return changed
+
+
+async def flag_reset_required(conn: asyncpg.Connection, account_id: UUID, reason: str, incident: str | None) -> bool:
+    done = await conn.fetchval(
+        "UPDATE accounts SET reset_required_at = now(), reset_required_reason = $2, reset_required_incident = $3"
+        " WHERE id = $1 RETURNING 1",
+        account_id, reason, incident,
+    )
+    return bool(done)
+
+
+async def insert_reset_token(conn: asyncpg.Connection, token_hmac: bytes, account_id: UUID, expires_at: datetime,
+                             incident_id: str | None = None) -> None:
+    await conn.execute(
+        "INSERT INTO reset_tokens (token_hmac, account_id, expires_at, incident_id) VALUES ($1, $2, $3, $4)",
+        token_hmac, account_id, expires_at, incident_id,
+    )
+
+
+async def peek_reset_token(conn: asyncpg.Connection | asyncpg.Pool, token_hmac: bytes) -> UUID | None:
+    """The account of a live (unused, not invalidated, unexpired) reset token."""
+    value: UUID | None = await conn.fetchval(
+        "SELECT account_id FROM reset_tokens WHERE token_hmac = $1 AND used_at IS NULL AND invalidated_at IS NULL"
+        " AND expires_at > now()",
+        token_hmac,
+    )
+    return value
+
+
+async def consume_reset_token(conn: asyncpg.Connection, token_hmac: bytes) -> UUID | None:
+    """Redeem atomically: succeeds once; then invalidates the account's other outstanding tokens."""
+    account_id: UUID | None = await conn.fetchval(
+        "UPDATE reset_tokens SET used_at = now() WHERE token_hmac = $1 AND used_at IS NULL"
+        " AND invalidated_at IS NULL AND expires_at > now() RETURNING account_id",
+        token_hmac,
+    )
+    if account_id is not None:
+        await conn.execute(
+            "UPDATE reset_tokens SET invalidated_at = now() WHERE account_id = $1 AND used_at IS NULL"
+            " AND invalidated_at IS NULL",
+            account_id,
+        )
+    return account_id
+
+
+async def throttle_blocked(conn: asyncpg.Connection | asyncpg.Pool, scopes: list[str]) -> float:
+    """Seconds until every scope is unblocked (0 when none is blocked)."""
+    value = await conn.fetchval(
+        "SELECT max(extract(epoch FROM blocked_until - now())) FROM throttles"
+        " WHERE scope = ANY($1::text[]) AND blocked_until > now()",
+        scopes,
+    )
+    return float(value or 0.0)
+
+
+async def throttle_hit(conn: asyncpg.Connection | asyncpg.Pool, scope: str, *, free: int, window: int,
+                       max_block: int) -> int:
+    """Count one hit in the scope's window; past ``free`` hits, block for 2^(hits-free) s (capped).
+    Returns the hit count in the current window. One statement: concurrent hits are all counted."""
+    hits: int = await conn.fetchval(
+        """
+        INSERT INTO throttles AS t (scope, hits, window_start) VALUES ($1, 1, now())
+        ON CONFLICT (scope) DO UPDATE SET
+            hits = CASE WHEN t.window_start < now() - make_interval(secs => $2) THEN 1 ELSE t.hits + 1 END,
+            window_start = CASE WHEN t.window_start < now() - make_interval(secs => $2) THEN now()
+                                ELSE t.window_start END
+        RETURNING hits
+        """,
+        scope, float(window),
+    )
+    if hits > free:
+        block = min(max_block, 2 ** min(hits - free, 20))
+        await conn.execute("UPDATE throttles SET blocked_until = now() + make_interval(secs => $2) WHERE scope = $1",
+                           scope, float(block))
+    return hits
+
+
+async def throttle_clear(conn: asyncpg.Connection | asyncpg.Pool, scope: str) -> None:
+    await conn.execute("DELETE FROM throttles WHERE scope = $1", scope)
+
+
+async def purge_expired(conn: asyncpg.Connection | asyncpg.Pool) -> None:
+    await conn.execute("DELETE FROM reset_tokens WHERE expires_at < now() - interval '7 days'")
+    await conn.execute("DELETE FROM throttles WHERE window_start < now() - interval '1 day'"
+                       " AND (blocked_until IS NULL OR blocked_until < now())")
