@@ -1,18 +1,69 @@
-"""create_app(settings): the notification service's resources, middlewares and routes."""
+"""create_app(settings): notification's consumer and sender."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import asyncpg
 from aiohttp import web
 
+from services.notification import events, store
+from services.notification.service import Sender
 from services.notification.settings import Settings
-from shared.app import base_app, pool_ctx, producer_ctx, relay_ctx
+from shared.app import POOL, PRODUCER, SETTINGS, base_app, consumer_ctx, pool_ctx, producer_ctx, relay_ctx
+from shared.consumer import ConsumerRunner
+from shared.events import AUTH_EVENTS, DEVICESESSION_EVENTS, LINKCODE_EVENTS, NOTIFICATION_DEAD_LETTERS
+from shared.internal import require_internal
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+SENDER = web.AppKey("sender", Sender)
+
+
+def _settings(app: web.Application) -> Settings:
+    s = app[SETTINGS]
+    assert isinstance(s, Settings)
+    return s
+
+
+async def sender_ctx(app: web.Application) -> AsyncIterator[None]:
+    s = _settings(app)
+    sender = Sender(s, app[POOL], s.topic(NOTIFICATION_DEAD_LETTERS))
+    listener: asyncpg.Connection = await asyncpg.connect(s.db_url())
+    await listener.add_listener("deliveries", lambda *_: sender.wake.set())
+    sender.start()
+    app[SENDER] = sender
+    yield
+    await sender.stop()
+    with contextlib.suppress(Exception):
+        await listener.close()
+
+
+def event_consumer(app: web.Application) -> ConsumerRunner:
+    s = app[SETTINGS]
+    return ConsumerRunner(
+        bootstrap=s.kafka_bootstrap_servers, group=s.group("notification"),
+        topics=[s.topic(AUTH_EVENTS), s.topic(DEVICESESSION_EVENTS), s.topic(LINKCODE_EVENTS)],
+        handler=events.handle_event, producer=app[PRODUCER], pool=app[POOL],
+    )
+
+
+async def incident_deliveries(request: web.Request) -> web.Response:
+    require_internal(request, _settings(request.app).internal_api_secret.get_secret_value())
+    incident = request.match_info["incident_id"][:100]
+    return web.json_response({"incident_id": incident, "deliveries": await store.incident_counts(
+        request.app[POOL], incident)})
 
 
 def create_app(settings: Settings) -> web.Application:
     app = base_app(settings)
-    app.cleanup_ctx.extend([pool_ctx([("notification", MIGRATIONS)]), producer_ctx, relay_ctx])
+    app.cleanup_ctx.extend([
+        pool_ctx([("notification", MIGRATIONS)]),
+        producer_ctx,
+        relay_ctx,
+        sender_ctx,
+        consumer_ctx(event_consumer),
+    ])
+    app.router.add_get("/internal/incidents/{incident_id}/deliveries", incident_deliveries)
     return app
