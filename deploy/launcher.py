@@ -358,24 +358,28 @@ class Kafka:
 
 
 def load_or_create_secrets(path: Path) -> dict[str, str]:
-    """Development secrets, generated once and kept under the run directory (never in the repo)."""
+    """Development secrets, generated once and kept under the run directory (never in the repo).
+    Secrets added by a newer version are generated and appended."""
     from shared.crypto import new_key_spec
 
+    makers: dict[str, Callable[[], str]] = {
+        "INTERNAL_API_SECRET": lambda: secrets.token_urlsafe(32),
+        "TOKEN_HMAC_KEY": lambda: secrets.token_urlsafe(32),
+        "SEAL_KEYS": lambda: new_key_spec("k1"),
+        "LINKCODE_SEAL_KEYS": lambda: new_key_spec("l1"),
+        "PASSWORD_PEPPERS": lambda: new_key_spec("p1"),
+        "HOLDER_SECRET": lambda: secrets.token_urlsafe(32),
+        "CSRF_SECRET": lambda: secrets.token_urlsafe(32),
+    }
+    values: dict[str, str] = {}
     if path.exists():
         values = dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
-        if "INTERNAL_API_SECRET" in values:
-            return values
-    values = {
-        "INTERNAL_API_SECRET": secrets.token_urlsafe(32),
-        "TOKEN_HMAC_KEY": secrets.token_urlsafe(32),
-        "SEAL_KEYS": new_key_spec("k1"),
-        "PASSWORD_PEPPERS": new_key_spec("p1"),
-        "HOLDER_SECRET": secrets.token_urlsafe(32),
-        "CSRF_SECRET": secrets.token_urlsafe(32),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
-    path.chmod(0o600)
+    missing = {k: make() for k, make in makers.items() if k not in values}
+    if missing:
+        values.update(missing)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+        path.chmod(0o600)
     return values
 
 

@@ -9,6 +9,7 @@ aiohttp runs cleanup in reverse, so consumers stop and commit before the produce
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
 import time
@@ -184,6 +185,23 @@ def base_app(settings: CommonSettings) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     return app
+
+
+def client_address(request: web.Request) -> str:
+    """The caller's address; X-Forwarded-For is trusted only from the loopback edge."""
+    remote = request.remote or ""
+    forwarded = request.headers.get("X-Forwarded-For", "")
+    try:
+        trusted = ipaddress.ip_address(remote).is_loopback
+    except ValueError:
+        trusted = False
+    if trusted and forwarded:
+        candidate = forwarded.split(",")[-1].strip()
+        try:
+            return str(ipaddress.ip_address(candidate))
+        except ValueError:
+            pass
+    return remote or "unknown"
 
 
 def add_ready_check(app: web.Application, name: str, check: ReadyCheck) -> None:

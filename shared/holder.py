@@ -31,7 +31,7 @@ import hmac
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -105,6 +105,7 @@ class HolderKit:
         negative_ttl: float = 5.0,
         max_entries: int = 100_000,
         timeout: float = 5.0,
+        on_revocation: Callable[[SessionsRevoked], Awaitable[None]] | None = None,
     ) -> None:
         self.holder_id = holder_id
         self.introspect_url = introspect_url
@@ -115,6 +116,7 @@ class HolderKit:
         self.negative_ttl = negative_ttl
         self.max_entries = max_entries
         self.timeout = aiohttp.ClientTimeout(total=timeout)
+        self.on_revocation = on_revocation
         self._producer = producer
         self._own_producer = producer is None
         self._cache: OrderedDict[bytes, _Entry] = OrderedDict()
@@ -343,6 +345,10 @@ class HolderKit:
             self.drop_cache("undecodable revocation")
             return
         evicted = self.apply(rev)
+        if self.on_revocation is not None:
+            # The holder's own state (e.g. tokens waiting to be collected); a failure here stops the
+            # batch before its commit, so the revocation is delivered again.
+            await self.on_revocation(rev)
         now = utcnow()
         self.applied.append((rev.revocation_id, time.monotonic()))
         if len(self.applied) > 100_000:
@@ -364,8 +370,12 @@ class HolderKit:
 HOLDER = web.AppKey("holder", HolderKit)
 
 
-def holder_ctx_factory(holder_id: str) -> object:
-    """A cleanup_ctx generator that runs a HolderKit for ``holder_id`` under ``app[HOLDER]``."""
+def holder_ctx_factory(
+    holder_id: str,
+    on_revocation: Callable[[web.Application], Callable[[SessionsRevoked], Awaitable[None]]] | None = None,
+) -> object:
+    """A cleanup_ctx generator that runs a HolderKit for ``holder_id`` under ``app[HOLDER]``;
+    ``on_revocation(app)`` builds an optional callback applied to each revocation before its ack."""
     from shared.app import PRODUCER, SETTINGS, add_ready_check
 
     async def holder_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -377,6 +387,7 @@ def holder_ctx_factory(holder_id: str) -> object:
             bootstrap=s.kafka_bootstrap_servers,
             topic_prefix=s.topic_prefix,
             producer=app.get(PRODUCER),
+            on_revocation=on_revocation(app) if on_revocation else None,
         )
         await kit.start()
         app[HOLDER] = kit

@@ -80,6 +80,10 @@ def stack_obj() -> Iterator[Stack]:
             # Every edge request comes from 127.0.0.1: per-address limits sized for a whole suite.
             "SIGNIN_FREE_FAILURES_PER_ADDRESS": "50",
             "RESET_REQUESTS_PER_ADDRESS": "1000",
+            "CREATE_PER_ADDRESS": "100000",
+            "CREATE_PER_CLIENT": "1000",
+            # Short enough that a test can watch an exhausted code budget come back.
+            "CODE_ATTEMPT_WINDOW": "6",
             "LOG_LEVEL": "INFO",
         },
     )

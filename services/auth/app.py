@@ -13,6 +13,7 @@ from aiohttp import web
 from services.auth import routes, store
 from services.auth.service import Auth, Topics
 from services.auth.settings import Settings
+from shared import throttle
 from shared.app import POOL, SETTINGS, base_app, pool_ctx, producer_ctx, relay_ctx
 from shared.crypto import parse_keys
 from shared.events import AUTH_EVENTS
@@ -54,6 +55,7 @@ async def housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:
             await asyncio.sleep(300)
             try:
                 await store.purge_expired(app[POOL])
+                await throttle.purge(app[POOL])
             except Exception:
                 log.exception("housekeeping failed")
 

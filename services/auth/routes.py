@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import uuid
 from typing import Any
 
@@ -14,8 +13,8 @@ from services.auth.errors import InvalidToken
 from services.auth.service import Auth
 from services.auth.settings import Settings
 from shared import plex
-from shared.app import SETTINGS
-from shared.errors import MissingClientIdentifier, NotFound, ValidationFailed
+from shared.app import SETTINGS, client_address
+from shared.errors import HearthError, MissingClientIdentifier, NotFound, ValidationFailed
 from shared.holder import HOLDER, Principal
 from shared.internal import InternalClient, require_internal
 from shared.tokens import same
@@ -29,23 +28,6 @@ def _settings(request: web.Request) -> Settings:
     s = request.app[SETTINGS]
     assert isinstance(s, Settings)
     return s
-
-
-def client_address(request: web.Request) -> str:
-    """The caller's address; X-Forwarded-For is trusted only from the loopback edge."""
-    remote = request.remote or ""
-    forwarded = request.headers.get("X-Forwarded-For", "")
-    try:
-        trusted = ipaddress.ip_address(remote).is_loopback
-    except ValueError:
-        trusted = False
-    if trusted and forwarded:
-        candidate = forwarded.split(",")[-1].strip()
-        try:
-            return str(ipaddress.ip_address(candidate))
-        except ValueError:
-            pass
-    return remote or "unknown"
 
 
 def _is_internal(request: web.Request) -> bool:
@@ -194,20 +176,45 @@ async def request_reset(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+async def _changed(request: web.Request, event_id: str, sign_out: bool) -> web.Response:
+    """204 once the change is committed. With sign-out, wait (briefly) until devicesession has
+    revoked the sessions, so that when the answer arrives no old token introspects as active; the
+    holders' caches follow within milliseconds. If devicesession is slow, answer anyway: the event is
+    committed and will be applied."""
+    headers = {"X-Hearth-Event-Id": event_id}
+    if sign_out:
+        deadline = asyncio.get_running_loop().time() + _settings(request).revocation_wait
+        delay = 0.005
+        while asyncio.get_running_loop().time() < deadline:
+            try:
+                outcome = await request.app[DEVICESESSION].call(
+                    "GET", f"/internal/revocations?causing_event_id={event_id}")
+                headers["X-Hearth-Sessions-Revoked"] = str(outcome["revoked"])
+                break
+            except HearthError as exc:
+                if exc.status != 404:
+                    break
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.1)
+    return web.Response(status=204, headers=headers)
+
+
 async def reset_password(request: web.Request) -> web.Response:
     f = await plex.form(request)
-    event_id = await request.app[AUTH].reset_password(
-        f.get("resetToken") or f.get("token"), f.get("password"), plex.parse_bool(f.get("signOutDevices")))
-    return web.Response(status=204, headers={"X-Hearth-Event-Id": event_id})
+    sign_out = plex.parse_bool(f.get("signOutDevices"))
+    event_id = await request.app[AUTH].reset_password(f.get("resetToken") or f.get("token"), f.get("password"),
+                                                      sign_out)
+    return await _changed(request, event_id, sign_out)
 
 
 async def change_password(request: web.Request) -> web.Response:
     _, principal, _ = await _account_of(request)
     f = await plex.form(request)
+    sign_out = plex.parse_bool(f.get("signOutDevices"))
     event_id = await request.app[AUTH].change_password(
         uuid.UUID(principal.account_id), principal.session_id, f.get("currentPassword"), f.get("password"),
-        plex.parse_bool(f.get("signOutDevices")), client_address(request))
-    return web.Response(status=204, headers={"X-Hearth-Event-Id": event_id})
+        sign_out, client_address(request))
+    return await _changed(request, event_id, sign_out)
 
 
 # --------------------------------------------------------------------------------- internal

@@ -33,7 +33,7 @@ from services.auth.errors import (
     WeakPassword,
 )
 from services.auth.settings import Settings
-from shared import outbox, tokens
+from shared import outbox, throttle, tokens
 from shared.crypto import Sealer
 from shared.events import (
     AccountCreated,
@@ -154,16 +154,16 @@ class Auth:
         return f"signin:login:{login_norm}", f"signin:addr:{address}"
 
     async def check_throttle(self, scopes: list[str]) -> None:
-        wait = await store.throttle_blocked(self.pool, scopes)
+        wait = await throttle.blocked_for(self.pool, scopes)
         if wait > 0:
             raise SignInThrottled(f"Too many failed attempts; try again in {int(wait) + 1} seconds",
                                   retry_after=int(wait) + 1)
 
     async def _failure(self, login_scope: str, addr_scope: str) -> None:
         s = self.s
-        await store.throttle_hit(self.pool, login_scope, free=s.signin_free_failures_per_login,
+        await throttle.hit(self.pool, login_scope, free=s.signin_free_failures_per_login,
                                  window=s.signin_window, max_block=s.signin_max_block)
-        await store.throttle_hit(self.pool, addr_scope, free=s.signin_free_failures_per_address,
+        await throttle.hit(self.pool, addr_scope, free=s.signin_free_failures_per_address,
                                  window=s.signin_window, max_block=s.signin_max_block)
 
     async def authenticate(self, login: str | None, password: str | None, address: str) -> store.Account:
@@ -182,7 +182,7 @@ class Auth:
         if not result.ok:
             await self._failure(login_scope, addr_scope)
             raise BadCredentials()
-        await store.throttle_clear(self.pool, login_scope)
+        await throttle.clear(self.pool, login_scope)
         if account.reset_required_at is not None:
             raise ResetRequired()
         if result.needs_rehash:
@@ -199,13 +199,13 @@ class Auth:
         email_norm = normalise_email(email)
         s = self.s
         scopes = [f"reset:addr:{address}", f"reset:email:{email_norm}"]
-        wait = await store.throttle_blocked(self.pool, scopes)
+        wait = await throttle.blocked_for(self.pool, scopes)
         if wait > 0:
             raise SignInThrottled(f"Too many reset requests; try again in {int(wait) + 1} seconds",
                                   retry_after=int(wait) + 1, code="too_many_reset_requests")
-        await store.throttle_hit(self.pool, scopes[0], free=s.reset_requests_per_address, window=s.reset_window,
+        await throttle.hit(self.pool, scopes[0], free=s.reset_requests_per_address, window=s.reset_window,
                                  max_block=s.reset_window)
-        await store.throttle_hit(self.pool, scopes[1], free=s.reset_requests_per_email, window=s.reset_window,
+        await throttle.hit(self.pool, scopes[1], free=s.reset_requests_per_email, window=s.reset_window,
                                  max_block=s.reset_window)
 
     async def send_reset(self, email: str) -> None:

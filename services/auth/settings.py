@@ -20,6 +20,9 @@ class Settings(CommonSettings):
     # Hashes computed at once (threads); each holds ARGON2_MEMORY_KIB while it runs.
     argon2_concurrency: int = 2
     reset_token_ttl: int = 3600
+    # How long a password change with sign-out waits for devicesession to confirm the revocation
+    # before answering (seconds); the answer carries X-Hearth-Sessions-Revoked when confirmed.
+    revocation_wait: float = 2.0
     # Sign-in throttling: free failures per window, then blocked for 2^(n - free) seconds (capped).
     signin_free_failures_per_login: int = 5
     signin_free_failures_per_address: int = 20

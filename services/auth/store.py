@@ -116,43 +116,5 @@ async def consume_reset_token(conn: asyncpg.Connection, token_hmac: bytes) -> UU
     return account_id
 
 
-async def throttle_blocked(conn: asyncpg.Connection | asyncpg.Pool, scopes: list[str]) -> float:
-    """Seconds until every scope is unblocked (0 when none is blocked)."""
-    value = await conn.fetchval(
-        "SELECT max(extract(epoch FROM blocked_until - now())) FROM throttles"
-        " WHERE scope = ANY($1::text[]) AND blocked_until > now()",
-        scopes,
-    )
-    return float(value or 0.0)
-
-
-async def throttle_hit(conn: asyncpg.Connection | asyncpg.Pool, scope: str, *, free: int, window: int,
-                       max_block: int) -> int:
-    """Count one hit in the scope's window; past ``free`` hits, block for 2^(hits-free) s (capped).
-    Returns the hit count in the current window. One statement: concurrent hits are all counted."""
-    hits: int = await conn.fetchval(
-        """
-        INSERT INTO throttles AS t (scope, hits, window_start) VALUES ($1, 1, now())
-        ON CONFLICT (scope) DO UPDATE SET
-            hits = CASE WHEN t.window_start < now() - make_interval(secs => $2) THEN 1 ELSE t.hits + 1 END,
-            window_start = CASE WHEN t.window_start < now() - make_interval(secs => $2) THEN now()
-                                ELSE t.window_start END
-        RETURNING hits
-        """,
-        scope, float(window),
-    )
-    if hits > free:
-        block = min(max_block, 2 ** min(hits - free, 20))
-        await conn.execute("UPDATE throttles SET blocked_until = now() + make_interval(secs => $2) WHERE scope = $1",
-                           scope, float(block))
-    return hits
-
-
-async def throttle_clear(conn: asyncpg.Connection | asyncpg.Pool, scope: str) -> None:
-    await conn.execute("DELETE FROM throttles WHERE scope = $1", scope)
-
-
 async def purge_expired(conn: asyncpg.Connection | asyncpg.Pool) -> None:
     await conn.execute("DELETE FROM reset_tokens WHERE expires_at < now() - interval '7 days'")
-    await conn.execute("DELETE FROM throttles WHERE window_start < now() - interval '1 day'"
-                       " AND (blocked_until IS NULL OR blocked_until < now())")

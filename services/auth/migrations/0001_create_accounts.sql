@@ -27,12 +27,3 @@ CREATE TABLE reset_tokens (
 );
 CREATE INDEX reset_tokens_outstanding ON reset_tokens (account_id) WHERE used_at IS NULL AND invalidated_at IS NULL;
 CREATE INDEX reset_tokens_expires ON reset_tokens (expires_at);
-
--- Throttling counters (sign-in failures per login and per address, reset requests...).
--- A fixed window per scope; `blocked_until` grows with repeated failures.
-CREATE TABLE throttles (
-    scope           text PRIMARY KEY,
-    hits            integer NOT NULL,
-    window_start    timestamptz NOT NULL,
-    blocked_until   timestamptz
-);
