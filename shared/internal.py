@@ -8,6 +8,7 @@ re-raised from the callee's problem JSON so they propagate with their status and
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
@@ -46,27 +47,36 @@ class InternalClient:
         if self._session is not None:
             await self._session.close()
 
-    async def call(self, method: str, path: str, body: Any = None, *, headers: dict[str, str] | None = None) -> Any:
-        """Call an internal route; returns the decoded JSON (or None for 204)."""
+    async def request(self, method: str, path: str, body: Any = None, *, headers: dict[str, str] | None = None
+                      ) -> tuple[Any, Mapping[str, str]]:
+        """Call a route; returns (decoded JSON or None, response headers). Errors in problem JSON or
+        Plex's ``errors`` shape are raised as HearthError with their status, code and retry-after."""
         hdrs = {"Authorization": f"Bearer {self.secret}", "Accept": "application/json"}
         if headers:
             hdrs.update(headers)
         try:
             async with self.session.request(method, self.base_url + path, json=body, headers=hdrs) as resp:
                 raw = await resp.read()
-                if resp.status == 204 or not raw:
-                    data: Any = None
-                else:
-                    data = orjson.loads(raw)
+                data: Any = orjson.loads(raw) if raw and resp.content_type.endswith("json") else None
                 if resp.status >= 400:
-                    detail = data.get("detail") if isinstance(data, dict) else None
-                    code = data.get("code") if isinstance(data, dict) else None
-                    raise HearthError(
-                        detail or f"internal call failed ({resp.status})",
-                        status=resp.status if resp.status < 500 else 503,
-                        code=code or "internal_call_failed",
-                        retry_after=(data or {}).get("retry_after") if isinstance(data, dict) else None,
-                    )
-                return data
-        except (TimeoutError, aiohttp.ClientError) as exc:
+                    raise _error(resp.status, data, resp.headers.get("Retry-After"))
+                return data, resp.headers
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise Unavailable(f"{self.base_url} unreachable: {type(exc).__name__}") from exc
+
+    async def call(self, method: str, path: str, body: Any = None, *, headers: dict[str, str] | None = None) -> Any:
+        """Call an internal route; returns the decoded JSON (or None for 204)."""
+        data, _ = await self.request(method, path, body, headers=headers)
+        return data
+
+
+def _error(status: int, data: Any, retry_after: str | None) -> HearthError:
+    detail = code = None
+    if isinstance(data, dict) and isinstance(data.get("errors"), list) and data["errors"]:
+        first = data["errors"][0]
+        detail, code = first.get("message"), str(first.get("code"))
+    elif isinstance(data, dict):
+        detail, code = data.get("detail") or data.get("error_description"), data.get("code") or data.get("error")
+    wait = int(retry_after) if retry_after and retry_after.isdigit() else None
+    return HearthError(detail or f"call failed ({status})", status=status if status < 500 else 503,
+                       code=code or "internal_call_failed", retry_after=wait)

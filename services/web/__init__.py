@@ -1,1 +1,14 @@
-"""The web service (skeleton: health, readiness, metrics and migrations; features come in its own issue)."""
+"""web: the account pages on the edge origin.
+
+Pages: ``/signup``, ``/signin``, ``/signout``, ``/forgot``, ``/reset`` (from the emailed link),
+``/account`` (devices, remove, sign out others, change password with "Sign out connected devices
+after password change"), ``/link`` (4-character PIN, strong code or RFC 8628 user code; ``?code=``
+prefills), ``/claim`` (claim token with countdown, copy button and the ``PLEX_CLAIM`` Docker line).
+
+A browser session is an ordinary devicesession session of kind ``browser`` (minted through auth's
+sign-in), kept in the HttpOnly, SameSite=Lax ``hearth_session`` cookie (Secure over HTTPS). web is
+a session holder (holder kit, holder "web"): a revoked browser session is refused on its next
+request. Every form carries a CSRF token bound to the browser's ``hearth_csrf`` cookie.
+
+No database: web keeps no state of its own. Calls auth, devicesession and linkcode over HTTP.
+"""
