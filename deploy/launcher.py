@@ -456,6 +456,16 @@ class Stack:
             "PYTHONUNBUFFERED": "1",
             **self.extra_env,
         }
+        self.write_cli_env()
+
+    def write_cli_env(self) -> None:
+        """What `hearth admin` and `hearth fanout` need to reach this stack (read as defaults)."""
+        keys = ["DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS", "TOPIC_PREFIX", "DB_NAME_PREFIX", "PUBLIC_BASE_URL",
+                "AUTH_URL", "DEVICESESSION_URL", "LINKCODE_URL", "NOTIFICATION_URL", *load_or_create_secrets(
+                    self.run_dir / "secrets.env")]
+        path = self.run_dir / "hearth.env"
+        path.write_text("".join(f"{k}={self.env[k]}\n" for k in dict.fromkeys(keys) if k in self.env))
+        path.chmod(0o600)
 
     def start_smtp_sink(self) -> None:
         self.mail_dir.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ def run(run_dir: str) -> None:
 
 
 # Subcommands whose modules exist are added; each module exposes a click command named ``command``.
-for _module in ("services.holder.cli", "services.fanout.cli", "services.admin.cli"):
+for _module in ("services.holder.cli", "services.fanout.cli", "services.auth.admin"):
     try:
         main.add_command(importlib.import_module(_module).command)
     except ModuleNotFoundError as exc:

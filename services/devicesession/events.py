@@ -48,7 +48,7 @@ def make_auth_handler(topics: service.Topics):  # type: ignore[no-untyped-def]
                 return
             await service.revoke(conn, topics, cause=batch.cause, causing_event_id=env.id,
                                  account_ids=[uuid.UUID(a) for a in batch.account_ids],
-                                 key_account=batch.incident_id)
+                                 key_account=batch.incident_id, incident_id=batch.incident_id)
 
     return handle_auth_event
 

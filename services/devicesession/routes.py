@@ -97,6 +97,15 @@ async def revoke_sessions(request: web.Request) -> web.Response:
             sid = _uuid(body["session_id"], "session_id")
             n, rid = await service.revoke(conn, topics, cause=str(body.get("cause") or "signout")[:40],
                                           session_ids=[sid])
+        elif "account_ids" in body:
+            ids = body["account_ids"]
+            if not isinstance(ids, list) or not ids or len(ids) > 10_000:
+                raise InvalidMint("account_ids must be a list of 1 to 10000 UUIDs")
+            n, rid = await service.revoke(conn, topics, cause=str(body.get("cause") or "admin")[:40],
+                                          account_ids=[_uuid(a, "account_ids") for a in ids],
+                                          key_account=str(body.get("key") or ids[0])[:100],
+                                          incident_id=str(body["incident_id"])[:100] if body.get("incident_id")
+                                          else None)
         elif "account_id" in body:
             acct = _uuid(body["account_id"], "account_id")
             keep = _uuid(body["except_session_id"], "except_session_id") if body.get("except_session_id") else None
@@ -162,6 +171,12 @@ async def revocation_acks(request: web.Request) -> web.Response:
         "holders": holders,
         "missing": sorted(set(holders) - {a["holder_id"] for a in acks}),
     })
+
+
+async def incident_revocations(request: web.Request) -> web.Response:
+    _internal(request)
+    return web.json_response(await store.incident_revocations(request.app[POOL],
+                                                              request.match_info["incident_id"][:100]))
 
 
 # --------------------------------------------------------------------------------- RFC 7662
@@ -299,6 +314,7 @@ def setup_routes(app: web.Application) -> None:
     r.add_delete("/internal/accounts/{account_id}/devices/{device_id}", remove_account_device)
     r.add_get("/internal/revocations", revocation_outcome)
     r.add_get("/internal/revocations/{revocation_id}/acks", revocation_acks)
+    r.add_get("/internal/incidents/{incident_id}/revocations", incident_revocations)
     r.add_post("/oauth/introspect", introspect)
     r.add_get("/devices.xml", list_devices)
     r.add_get("/devices.json", list_devices)

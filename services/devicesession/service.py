@@ -126,7 +126,8 @@ async def find_session(pool: asyncpg.Pool | asyncpg.Connection, key: bytes, toke
 async def revoke(conn: asyncpg.Connection, topics: Topics, *, cause: str, causing_event_id: uuid.UUID | None = None,
                  account_id: uuid.UUID | None = None, account_ids: list[uuid.UUID] | None = None,
                  session_ids: list[uuid.UUID] | None = None, device_id: int | None = None,
-                 except_session_id: uuid.UUID | None = None, key_account: str | None = None) -> tuple[int, str | None]:
+                 except_session_id: uuid.UUID | None = None, key_account: str | None = None,
+                 incident_id: str | None = None) -> tuple[int, str | None]:
     """Revoke in one statement and publish one ``sessions.revoked`` (if anything was revoked).
 
     Must run inside a transaction. Returns (number revoked, revocation id or None)."""
@@ -137,7 +138,7 @@ async def revoke(conn: asyncpg.Connection, topics: Topics, *, cause: str, causin
     revocation_id = uuid.uuid4()
     recorded = await store.insert_revocation(
         conn, revocation_id, account_id=account_id, causing_event_id=causing_event_id, cause=cause,
-        revoked=len(revoked), cutoff=cutoff,
+        revoked=len(revoked), cutoff=cutoff, incident_id=incident_id,
     )
     if not recorded:
         return 0, None  # this cause was handled before (its effects are committed already)

@@ -187,17 +187,19 @@ async def insert_revocation(
     cause: str,
     revoked: int,
     cutoff: datetime,
+    incident_id: str | None = None,
 ) -> bool:
     """Record a revocation; False when one for the same causing event exists already."""
     done = await conn.fetchval(
-        "INSERT INTO revocations (id, account_id, causing_event_id, cause, revoked, cutoff)"
-        " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (causing_event_id) DO NOTHING RETURNING 1",
+        "INSERT INTO revocations (id, account_id, causing_event_id, cause, revoked, cutoff, incident_id)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (causing_event_id) DO NOTHING RETURNING 1",
         revocation_id,
         account_id,
         causing_event_id,
         cause,
         revoked,
         cutoff,
+        incident_id,
     )
     return bool(done)
 
@@ -284,3 +286,25 @@ async def revocation_acks(conn: asyncpg.Connection | asyncpg.Pool, revocation_id
 
 async def holder_ids(conn: asyncpg.Connection | asyncpg.Pool) -> list[str]:
     return [r["id"] for r in await conn.fetch("SELECT id FROM holders ORDER BY id")]
+
+
+async def incident_revocations(conn: asyncpg.Connection | asyncpg.Pool, incident_id: str) -> dict[str, Any]:
+    """Revocations of an incident and, per holder, how many it acknowledged and how fast."""
+    totals = await conn.fetchrow(
+        "SELECT count(*) AS events, coalesce(sum(revoked), 0) AS revoked FROM revocations WHERE incident_id = $1",
+        incident_id,
+    )
+    holders = await conn.fetch(
+        "SELECT a.holder_id, count(*) AS applied,"
+        " percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM a.applied_at - r.created_at)) AS p99"
+        " FROM revocation_acks a JOIN revocations r ON r.id = a.revocation_id WHERE r.incident_id = $1"
+        " GROUP BY a.holder_id ORDER BY a.holder_id",
+        incident_id,
+    )
+    return {
+        "events": int(totals["events"]),
+        "revoked": int(totals["revoked"]),
+        "holders": {h["holder_id"]: {"applied": int(h["applied"]), "p99_seconds": float(h["p99"] or 0)}
+                    for h in holders},
+        "known_holders": await holder_ids(conn),
+    }
