@@ -14,9 +14,8 @@ import time
 import uuid
 
 import asyncpg
-from aiokafka import AIOKafkaConsumer
 
-from bench.common import Row, summary_ms
+from bench.common import Row, broker_round_trip, summary_ms
 from deploy.launcher import Stack
 from shared import db, kafka, outbox
 from shared.consumer import ConsumerRunner
@@ -31,36 +30,6 @@ THROUGHPUT_EVENTS = 50_000
 
 def _event(i: int) -> Envelope:
     return Envelope(uuid.uuid4(), "bench.happened", utcnow(), "bench", f"acct-{i % 97}", {"i": i})
-
-
-async def _broker_round_trip(bootstrap: str, topic: str) -> list[float]:
-    producer = kafka.make_producer(bootstrap)
-    await producer.start()
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="latest",
-                                group_id=f"bench-ref-{uuid.uuid4().hex[:6]}", fetch_max_wait_ms=10)
-    await consumer.start()
-    await asyncio.sleep(1.0)
-    sent: dict[bytes, float] = {}
-    got: list[float] = []
-
-    async def receive() -> None:
-        async for rec in consumer:
-            t0 = sent.get(rec.key)
-            if t0 is not None:
-                got.append(time.perf_counter() - t0)
-                if len(got) >= SAMPLES:
-                    return
-
-    task = asyncio.create_task(receive())
-    for i in range(SAMPLES):
-        key = f"ref-{i}".encode()
-        sent[key] = time.perf_counter()
-        await producer.send_and_wait(topic, b"{}", key=key)
-        await asyncio.sleep(0.005)
-    await asyncio.wait_for(task, 60)
-    await consumer.stop()
-    await producer.stop()
-    return got
 
 
 async def _outbox_latency(stack: Stack, dsn: str, topic: str) -> list[float]:
@@ -144,7 +113,7 @@ async def run(stack: Stack) -> list[Row]:
     prefix = f"bench.backbone-{uuid.uuid4().hex[:6]}"
     topics = [f"{prefix}.ref", f"{prefix}.outbox", f"{prefix}.tput", f"{prefix}.tputref"]
     await kafka.ensure_topics(stack.kafka_bootstrap, topics)
-    ref = summary_ms(await _broker_round_trip(stack.kafka_bootstrap, topics[0]))
+    ref = summary_ms(await broker_round_trip(stack.kafka_bootstrap))
     lat = summary_ms(await _outbox_latency(stack, dsn, topics[1]))
     relay_rate = await _relay_throughput(stack, dsn, topics[2])
     producer_rate = await _producer_throughput(stack.kafka_bootstrap, topics[3])

@@ -7,8 +7,16 @@ in ``bench/__main__.py``'s ``MODULES``.
 
 from __future__ import annotations
 
+import asyncio
 import statistics
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+
+import aiohttp
 
 
 @dataclass(frozen=True)
@@ -61,3 +69,96 @@ def table(rows: list[Row]) -> str:
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=False))  # noqa: E731
     sep = "  ".join("-" * w for w in widths)
     return "\n".join([line(head), sep, *(line(b) for b in body)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared measuring helpers
+# ---------------------------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def bare_server() -> AsyncIterator[str]:
+    """Run bench.bare in its own process (as the services run) and yield its URL."""
+    from deploy.launcher import ROOT, free_port, port_open
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "bench.bare", str(port)], cwd=ROOT)
+    try:
+        for _ in range(100):
+            if port_open(port):
+                break
+            await asyncio.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+async def closed_loop(make: Callable[[aiohttp.ClientSession, int], Awaitable[bool]], *, concurrency: int,
+                      seconds: float) -> tuple[float, list[float]]:
+    """Run ``make`` from ``concurrency`` workers for ``seconds``; returns (successes/s, latencies)."""
+    latencies: list[float] = []
+    ok = 0
+    deadline = time.perf_counter() + seconds
+    connector = aiohttp.TCPConnector(limit=concurrency * 2)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        async def worker(w: int) -> None:
+            nonlocal ok
+            i = 0
+            while time.perf_counter() < deadline:
+                t0 = time.perf_counter()
+                if await make(http, w * 1_000_000 + i):
+                    ok += 1
+                latencies.append(time.perf_counter() - t0)
+                i += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return ok / elapsed, latencies
+
+
+async def broker_round_trip(bootstrap: str, samples: int = 200) -> list[float]:
+    """The broker's own produce (acks=all) -> consume latency, on a fresh topic."""
+    import uuid
+
+    from aiokafka import AIOKafkaConsumer
+
+    from shared import kafka
+
+    topic = f"bench.ref-{uuid.uuid4().hex[:8]}"
+    await kafka.ensure_topics(bootstrap, [topic], partitions=1)
+    producer = kafka.make_producer(bootstrap)
+    await producer.start()
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="latest",
+                                group_id=f"bench-ref-{uuid.uuid4().hex[:6]}", fetch_max_wait_ms=10)
+    await consumer.start()
+    await asyncio.sleep(1.0)
+    sent: dict[bytes, float] = {}
+    got: list[float] = []
+
+    async def receive() -> None:
+        async for rec in consumer:
+            t0 = sent.get(rec.key or b"")
+            if t0 is not None:
+                got.append(time.perf_counter() - t0)
+                if len(got) >= samples:
+                    return
+
+    task = asyncio.create_task(receive())
+    for i in range(samples):
+        key = f"ref-{i}".encode()
+        sent[key] = time.perf_counter()
+        await producer.send_and_wait(topic, b"{}", key=key)
+        await asyncio.sleep(0.002)
+    await asyncio.wait_for(task, 60)
+    await consumer.stop()
+    await producer.stop()
+    return got
+
+
+def service_db(stack: object, service: str) -> str:
+    from shared.settings import with_database
+
+    prefix = stack.extra_env.get("DB_NAME_PREFIX", "")  # type: ignore[attr-defined]
+    return with_database(stack.database_url, f"{prefix}hearth_{service}")  # type: ignore[attr-defined]

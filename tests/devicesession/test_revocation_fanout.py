@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import subprocess
 import sys
@@ -225,3 +226,21 @@ async def test_device_list_and_removal_sign_that_device_out_everywhere(stack: St
 
     await eventually(tv_refused_everywhere, timeout=2.0, interval=0.02)
     assert (await introspect(stack, str(server["token"])))["active"] is True
+
+
+async def test_hearth_fanout_shows_each_holder_applying_and_a_summary(stack: Stack) -> None:
+    acct = str(uuid.uuid4())
+    s = await mint(stack, acct, "watched")
+    for port in holder_ports(stack):
+        assert await library_status(port, str(s["token"])) == 200
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "fanout", "--duration", "8", "--deadline", "1.5",
+                             "--summary"], cwd=ROOT, env=stack.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    await asyncio.sleep(3.0)  # joined and positioned at the end of both topics
+    await publish_password_changed(stack, acct, revoke=True)
+    out, err = await asyncio.to_thread(proc.communicate, timeout=30)
+    assert proc.returncode == 0, err
+    for holder in TEST_HOLDERS:
+        assert f"applied by {holder} in" in out, out
+        assert re.search(rf"^{holder}\s+1\s", out, re.M), out
+    assert re.search(r"all \d+ holders applied", out), out

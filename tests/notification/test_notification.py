@@ -223,7 +223,7 @@ async def test_killed_and_restarted_mid_stream_loses_and_duplicates_nothing(stac
     port = free_port()
     sink = Controller(SaveToDirectory(tmp_path / "mail"), hostname="127.0.0.1", port=port)
     sink.start()
-    own = OwnNotification(stack, tmp_path, port, SMTP_RATE="40", SMTP_CONCURRENCY="2")
+    own = OwnNotification(stack, tmp_path, port, SMTP_RATE="40", SMTP_CONCURRENCY="2", SENDING_TIMEOUT="3")
     await own.start()
     events = [breach_event(f"user{i}@example.org") for i in range(200)]
     try:

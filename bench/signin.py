@@ -1,0 +1,80 @@
+"""Sign-in: throughput through the edge beside raw argon2id verify throughput with the same
+parameters and thread count on this machine; and the p99 of ``GET /api/v2/user`` while sign-in is
+saturated (hashing must not stall auth's event loop), beside the same request on an idle service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import aiohttp
+from argon2 import PasswordHasher
+
+from bench.common import Row, closed_loop, summary_ms
+from deploy.launcher import Stack
+from shared.passwords import HashParams
+
+NAME = "signin"
+PASSWORD = "bench sign-in passphrase"
+SECONDS = 8.0
+
+
+def raw_argon2_rate(seconds: float, threads: int = 2) -> float:
+    """argon2id verifications per second, 19 MiB / 2 passes / p=1 (auth's defaults), ``threads`` at once."""
+    p = HashParams()
+    hasher = PasswordHasher(time_cost=p.time_cost, memory_cost=p.memory_kib, parallelism=p.parallelism,
+                            hash_len=32, salt_len=16)
+    phc = hasher.hash(PASSWORD)
+    deadline = time.perf_counter() + seconds
+
+    def work() -> int:
+        n = 0
+        while time.perf_counter() < deadline:
+            try:
+                hasher.verify(phc, PASSWORD)
+            except Exception:  # noqa: BLE001 - a mismatch costs the same
+                pass
+            n += 1
+        return n
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        count = sum(pool.map(lambda _: work(), range(threads)))
+    return count / (time.perf_counter() - started)
+
+
+async def run(stack: Stack) -> list[Row]:
+    name = f"bench{int(time.time())}"
+    async with aiohttp.ClientSession() as http:
+        async with http.post(stack.edge_url + "/api/v2/users", data={"email": f"{name}@example.org", "username": name,
+                                                                      "password": PASSWORD},
+                             headers={"X-Plex-Client-Identifier": "bench", "Accept": "application/json"}) as r:
+            token = (await r.json())["authToken"]
+
+    async def signin(http: aiohttp.ClientSession, i: int) -> bool:
+        async with http.post(stack.edge_url + "/api/v2/users/signin", data={"login": name, "password": PASSWORD},
+                             headers={"X-Plex-Client-Identifier": f"bench-{i % 50}", "Accept": "application/json"}) as r:
+            await r.read()
+            return r.status == 201
+
+    async def get_user(http: aiohttp.ClientSession, i: int) -> bool:
+        async with http.get(stack.edge_url + "/api/v2/user", headers={"X-Plex-Token": token,
+                                                                      "Accept": "application/json"}) as r:
+            await r.read()
+            return r.status == 200
+
+    _, idle = await closed_loop(get_user, concurrency=1, seconds=3)
+    user_task = asyncio.create_task(closed_loop(get_user, concurrency=1, seconds=SECONDS))
+    rate, _ = await closed_loop(signin, concurrency=6, seconds=SECONDS)
+    _, loaded = await user_task
+    raw = await asyncio.to_thread(raw_argon2_rate, SECONDS)
+    return [
+        Row(NAME, "sign-in throughput (edge, 6 clients)", rate, "sign-ins/s", "raw argon2id verify, 2 threads", raw,
+            "ratio >= 0.9"),
+        Row(NAME, "GET /api/v2/user p99 during sign-in load", summary_ms(loaded)["p99"], "ms",
+            "same request, idle service p99", summary_ms(idle)["p99"], "< 20 ms"),
+        Row(NAME, "GET /api/v2/user p50 during sign-in load", summary_ms(loaded)["p50"], "ms",
+            "same request, idle service p50", summary_ms(idle)["p50"]),
+    ]
