@@ -71,11 +71,13 @@ async def occupancy_rows(stack: Stack, bare_ms: float) -> list[Row]:
             batch = []
             while seeded + len(batch) < target:
                 batch.append(tokens.digest(key, next(codes), purpose="pin"))
-            if batch:
-                await conn.copy_records_to_table(
-                    "pins", records=[(False, h, "seed", "{}", expires) for h in batch],
-                    columns=["strong", "code_hmac", "client_identifier", "device", "expires_at"])
-                seeded += len(batch)
+            for start in range(0, len(batch), 50_000):
+                # ON CONFLICT: a PIN created by the measurement may already hold one of these codes
+                await conn.execute(
+                    "INSERT INTO pins (strong, code_hmac, client_identifier, device, expires_at)"
+                    " SELECT false, h, 'seed', '{}', $2 FROM unnest($1::bytea[]) AS x(h) ON CONFLICT DO NOTHING",
+                    batch[start:start + 50_000], expires)
+            seeded += len(batch)
             latencies = []
             async with aiohttp.ClientSession() as http:
                 for i in range(150):

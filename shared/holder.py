@@ -310,7 +310,9 @@ class HolderKit:
                 session_timeout_ms=10_000,
                 heartbeat_interval_ms=1_000,
                 metadata_max_age_ms=5_000,
-                fetch_max_wait_ms=50,
+                # Long poll: the broker answers as soon as a revocation arrives; a short wait would only
+                # make every idle holder poll the broker 20 times a second.
+                fetch_max_wait_ms=500,
             )
             try:
                 self._consumer.subscribe([topic], listener=Listener())
