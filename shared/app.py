@@ -9,6 +9,8 @@ aiohttp runs cleanup in reverse, so consumers stop and commit before the produce
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
 import logging
 import re
@@ -280,6 +282,45 @@ def consumer_ctx(
         await runner.stop()
 
     return ctx
+
+
+def periodic_ctx(
+    name: str, interval: Callable[[web.Application], float], job: Callable[[web.Application], Awaitable[None]],
+    *, at_exit: bool = False,
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A background job run every ``interval(app)`` seconds (failures are logged, the job goes on);
+    with ``at_exit`` it runs once more at shutdown."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(interval(app))
+                try:
+                    await job(app)
+                except Exception:
+                    log.exception("periodic job failed", extra={"job": name})
+
+        task = asyncio.create_task(loop(), name=name)
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        if at_exit:
+            with contextlib.suppress(Exception):
+                await job(app)
+
+    return ctx
+
+
+async def json_object(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400."""
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        raise ValidationFailed("the body must be JSON") from None
+    if not isinstance(body, dict):
+        raise ValidationFailed("the body must be a JSON object")
+    return body
 
 
 def run(app: web.Application, settings: CommonSettings) -> None:

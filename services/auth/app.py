@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,7 +13,7 @@ from services.auth import routes, store
 from services.auth.service import Auth, Topics
 from services.auth.settings import Settings
 from shared import throttle
-from shared.app import POOL, SETTINGS, base_app, pool_ctx, producer_ctx, relay_ctx
+from shared.app import POOL, SETTINGS, base_app, periodic_ctx, pool_ctx, producer_ctx, relay_ctx
 from shared.crypto import parse_keys
 from shared.events import AUTH_EVENTS
 from shared.holder import holder_ctx_factory
@@ -47,23 +46,10 @@ async def auth_ctx(app: web.Application) -> AsyncIterator[None]:
     passwords.close()
 
 
-async def housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Purge long-expired reset tokens and stale throttle rows every few minutes."""
-
-    async def loop() -> None:
-        while True:
-            await asyncio.sleep(300)
-            try:
-                await store.purge_expired(app[POOL])
-                await throttle.purge(app[POOL])
-            except Exception:
-                log.exception("housekeeping failed")
-
-    task = asyncio.create_task(loop())
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+async def housekeeping(app: web.Application) -> None:
+    """Purge long-expired reset tokens and stale throttle rows."""
+    await store.purge_expired(app[POOL])
+    await throttle.purge(app[POOL])
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -74,7 +60,7 @@ def create_app(settings: Settings) -> web.Application:
         relay_ctx,
         auth_ctx,
         holder_ctx_factory("auth"),  # type: ignore[list-item]
-        housekeeping_ctx,
+        periodic_ctx("auth-housekeeping", lambda app: 300.0, housekeeping),
     ])
     routes.setup_routes(app)
     return app

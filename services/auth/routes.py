@@ -13,7 +13,7 @@ from services.auth.errors import InvalidToken
 from services.auth.service import Auth
 from services.auth.settings import Settings
 from shared import plex
-from shared.app import SETTINGS, client_address
+from shared.app import SETTINGS, client_address, json_object
 from shared.errors import HearthError, MissingClientIdentifier, NotFound, ValidationFailed
 from shared.holder import HOLDER, Principal
 from shared.internal import InternalClient, require_internal
@@ -254,11 +254,9 @@ async def internal_require_reset(request: web.Request) -> web.Response:
     require_internal(request, _settings(request).internal_api_secret.get_secret_value())
     try:
         account_id = uuid.UUID(request.match_info["account_id"])
-        body = await request.json()
     except ValueError:
-        raise ValidationFailed("a JSON body and an account UUID are required") from None
-    if not isinstance(body, dict):
-        raise ValidationFailed("the body must be a JSON object")
+        raise NotFound("no such account") from None
+    body = await json_object(request)
     reason = str(body.get("reason") or "")[:500]
     if not reason:
         raise ValidationFailed("reason is required", field="reason")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,7 +11,17 @@ from aiohttp import web
 from services.devicesession import events, routes, store
 from services.devicesession.service import Topics
 from services.devicesession.settings import Settings
-from shared.app import POOL, PRODUCER, SETTINGS, base_app, consumer_ctx, pool_ctx, producer_ctx, relay_ctx
+from shared.app import (
+    POOL,
+    PRODUCER,
+    SETTINGS,
+    base_app,
+    consumer_ctx,
+    periodic_ctx,
+    pool_ctx,
+    producer_ctx,
+    relay_ctx,
+)
 from shared.consumer import ConsumerRunner
 from shared.events import (
     AUTH_EVENTS,
@@ -43,30 +51,11 @@ async def topics_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
 
 
-async def touch_flusher_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Write last-used times in batches every TOUCH_INTERVAL seconds (and once at shutdown)."""
-    interval = _settings(app).touch_interval
-
-    async def flush() -> None:
-        pending, app[routes.TOUCHES] = app[routes.TOUCHES], {}
-        if pending:
-            await store.touch_sessions(app[POOL], pending)
-
-    async def loop() -> None:
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await flush()
-            except Exception:
-                log.exception("last-used flush failed")
-
-    task = asyncio.create_task(loop())
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    with contextlib.suppress(Exception):
-        await flush()
+async def flush_touches(app: web.Application) -> None:
+    """Write the batched last-used times (introspection never writes inline)."""
+    pending, app[routes.TOUCHES] = app[routes.TOUCHES], {}
+    if pending:
+        await store.touch_sessions(app[POOL], pending)
 
 
 def auth_consumer(app: web.Application) -> ConsumerRunner:
@@ -94,7 +83,7 @@ def create_app(settings: Settings) -> web.Application:
         producer_ctx,
         relay_ctx,
         topics_ctx,
-        touch_flusher_ctx,
+        periodic_ctx("touch-flusher", lambda app: _settings(app).touch_interval, flush_touches, at_exit=True),
         consumer_ctx(auth_consumer),
         consumer_ctx(ack_consumer),
     ])

@@ -7,14 +7,13 @@ import time
 import uuid
 from datetime import UTC, datetime
 
-import orjson
 from aiohttp import web
 
 from services.devicesession import service, store
 from services.devicesession.errors import DeviceNotFound, HolderUnauthorized, InvalidMint, InvalidToken
 from services.devicesession.settings import Settings
 from shared import plex
-from shared.app import POOL, SETTINGS
+from shared.app import POOL, SETTINGS, json_object
 from shared.errors import NotFound, ValidationFailed
 from shared.holder import holder_secret
 from shared.internal import require_internal
@@ -32,16 +31,6 @@ def _settings(request: web.Request) -> Settings:
 
 def _internal(request: web.Request) -> None:
     require_internal(request, _settings(request).internal_api_secret.get_secret_value())
-
-
-async def _json(request: web.Request) -> dict[str, object]:
-    try:
-        body = orjson.loads(await request.read())
-    except orjson.JSONDecodeError:
-        raise ValidationFailed("the body must be JSON") from None
-    if not isinstance(body, dict):
-        raise ValidationFailed("the body must be a JSON object")
-    return body
 
 
 def _uuid(value: object, name: str) -> uuid.UUID:
@@ -69,7 +58,7 @@ def _touch(request: web.Request, info: store.SessionInfo) -> None:
 
 async def mint_session(request: web.Request) -> web.Response:
     _internal(request)
-    account_id, fields, remember = service.parse_mint(await _json(request))
+    account_id, fields, remember = service.parse_mint(await json_object(request))
     s = _settings(request)
     async with request.app[POOL].acquire() as conn:
         minted = await service.mint(conn, s.hmac_key(), account_id, fields, remember=remember,
@@ -83,7 +72,7 @@ async def mint_session(request: web.Request) -> web.Response:
 
 async def revoke_sessions(request: web.Request) -> web.Response:
     _internal(request)
-    body = await _json(request)
+    body = await json_object(request)
     s = _settings(request)
     topics = request.app[TOPICS]
     async with request.app[POOL].acquire() as conn, conn.transaction():

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -14,7 +12,7 @@ from services.linkcode import routes, store
 from services.linkcode.service import LinkCodes
 from services.linkcode.settings import Settings
 from shared import throttle
-from shared.app import POOL, SETTINGS, base_app, pool_ctx, producer_ctx, relay_ctx
+from shared.app import POOL, SETTINGS, base_app, periodic_ctx, pool_ctx, producer_ctx, relay_ctx
 from shared.events import LINKCODE_EVENTS, SessionsRevoked
 from shared.holder import HOLDER, holder_ctx_factory
 from shared.internal import InternalClient
@@ -49,24 +47,10 @@ async def kit_ready_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
 
 
-async def cleanup_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Expired PINs, device codes and claim tokens are deleted periodically: nothing grows unbounded."""
-    interval = _settings(app).cleanup_interval
-
-    async def loop() -> None:
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await store.purge_expired(app[POOL])
-                await throttle.purge(app[POOL])
-            except Exception:
-                log.exception("cleanup failed")
-
-    task = asyncio.create_task(loop())
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+async def cleanup(app: web.Application) -> None:
+    """Expired PINs, device codes and claim tokens are deleted: nothing grows without bound."""
+    await store.purge_expired(app[POOL])
+    await throttle.purge(app[POOL])
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -78,7 +62,7 @@ def create_app(settings: Settings) -> web.Application:
         linkcodes_ctx,
         holder_ctx_factory("linkcode", revocation_callback),  # type: ignore[list-item]
         kit_ready_ctx,
-        cleanup_ctx,
+        periodic_ctx("linkcode-cleanup", lambda app: _settings(app).cleanup_interval, cleanup),
     ])
     routes.setup_routes(app)
     return app

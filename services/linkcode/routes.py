@@ -8,14 +8,13 @@ from datetime import UTC, datetime
 from typing import Any
 from xml.sax.saxutils import quoteattr
 
-import orjson
 from aiohttp import web
 
 from services.linkcode.errors import CodeNotFound
 from services.linkcode.service import LinkCodes
 from services.linkcode.settings import Settings
 from shared import plex
-from shared.app import SETTINGS, client_address
+from shared.app import SETTINGS, client_address, json_object
 from shared.errors import Unauthorized, ValidationFailed
 from shared.holder import HOLDER, Principal
 from shared.internal import require_internal
@@ -158,12 +157,7 @@ async def describe_code(request: web.Request) -> web.Response:
 
 async def approve_code(request: web.Request) -> web.Response:
     require_internal(request, _settings(request).internal_api_secret.get_secret_value())
-    try:
-        body = orjson.loads(await request.read())
-    except orjson.JSONDecodeError:
-        raise ValidationFailed("the body must be JSON") from None
-    if not isinstance(body, dict):
-        raise ValidationFailed("the body must be a JSON object")
+    body = await json_object(request)
     account_id = _account_param(body.get("account_id"))
     principal = Principal(account_id=account_id, session_id=str(body.get("session_id") or ""), device_id=0,
                           client_id="web", kind="browser", issued_at=0.0)
