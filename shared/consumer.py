@@ -94,7 +94,7 @@ class ConsumerRunner:
         on_assigned: PartitionsCallback | None = None,
         on_revoked: PartitionsCallback | None = None,
         session_timeout_ms: int = 10_000,
-        heartbeat_interval_ms: int = 1_000,
+        heartbeat_interval_ms: int = 3_000,
     ) -> None:
         self.bootstrap = bootstrap
         self.group = group
@@ -128,7 +128,7 @@ class ConsumerRunner:
             session_timeout_ms=self.session_timeout_ms,
             heartbeat_interval_ms=self.heartbeat_interval_ms,
             max_poll_interval_ms=300_000,
-            metadata_max_age_ms=5_000,
+            metadata_max_age_ms=60_000,
         )
         self.consumer.subscribe(self.topics, listener=_Rebalance(self))
         for i in range(60):
