@@ -46,6 +46,9 @@ def main() -> None:
     started = time.monotonic()
     stack.start()
     print(f"stack up in {time.monotonic() - started:.1f}s ({len(holders)} sample holders)")
+    # The broker's JVM compiles its hot paths during its first half-minute (measured: 10-11% of a
+    # core idle then, 5% after); let it settle so it does not load the first benchmark alone.
+    time.sleep(float(os.environ.get("BENCH_SETTLE", "30")))
     rows: list[Row] = []
     try:
         for name in mods:

@@ -162,3 +162,179 @@ def service_db(stack: object, service: str) -> str:
 
     prefix = stack.extra_env.get("DB_NAME_PREFIX", "")  # type: ignore[attr-defined]
     return with_database(stack.database_url, f"{prefix}hearth_{service}")  # type: ignore[attr-defined]
+
+
+def _label(pid: str) -> str | None:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            argv = fh.read().split(b"\0")
+    except OSError:
+        return None
+    text = b" ".join(argv).decode(errors="replace")
+    if text.startswith("postgres:"):  # a backend: "postgres: USER DB ADDRESS STATE" or a worker's title
+        words = text.split()
+        if "autovacuum" in text:
+            return "postgres autovacuum"
+        if len(words) >= 3 and "(" in text:
+            return f"postgres {words[2]}"
+        return "postgres background"
+    if "/postgresql/" in text:
+        return "postgres"
+    if "java" in argv[0].decode(errors="replace"):
+        return "kafka"
+    if "nginx" in text:
+        return "nginx"
+    if "services.cli admin" in text:
+        return "admin command"
+    for name in ("auth", "devicesession", "linkcode", "notification", "web"):
+        if f"services.{name}" in text:
+            return name
+    if " holder " in text or "services.holder" in text:
+        return "holders"
+    if "smtp_sink" in text:
+        return "smtp sink"
+    if "-m bench" in text:
+        return "bench (load)"
+    return None
+
+
+def _cpu_ticks() -> dict[tuple[str, str], int]:
+    import os
+
+    out: dict[tuple[str, str], int] = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        label = _label(pid)
+        if label is None:
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[(label, pid)] = int(fields[11]) + int(fields[12])  # utime + stime
+    return out
+
+
+class CpuMeter:
+    """CPU seconds used per kind of process (services, holders, postgres, kafka, ...) between
+    ``start()`` and ``stop()``, read from /proc; processes that start in between count from zero."""
+
+    def __init__(self) -> None:
+        self.before: dict[tuple[str, str], int] = {}
+        self.last: dict[tuple[str, str], int] = {}
+        self.seconds: dict[str, float] = {}
+
+    def start(self) -> None:
+        self.before = _cpu_ticks()
+
+    def sample(self) -> None:
+        """Call now and then for short-lived processes (a command) so their last reading counts."""
+        for key, ticks in _cpu_ticks().items():
+            self.last[key] = ticks
+
+    def resume(self) -> None:
+        """Count again from now (after :meth:`pause`), adding to what was counted before."""
+        self.before = _cpu_ticks()
+        self.last = {}
+
+    def pause(self) -> dict[str, float]:
+        """Stop counting for now; ``seconds`` holds the totals of every counted stretch."""
+        earlier = self.seconds
+        self.stop()
+        for label, value in earlier.items():
+            self.seconds[label] = self.seconds.get(label, 0.0) + value
+        self.seconds = dict(sorted(self.seconds.items(), key=lambda kv: -kv[1]))
+        return self.seconds
+
+    def stop(self) -> dict[str, float]:
+        import os
+
+        hz = os.sysconf("SC_CLK_TCK")
+        after = {**self.last, **_cpu_ticks()}
+        totals: dict[str, float] = {}
+        for key, ticks in after.items():
+            totals[key[0]] = totals.get(key[0], 0.0) + (ticks - self.before.get(key, 0)) / hz
+        self.seconds = dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+        return self.seconds
+
+
+class RawHttp:
+    """A minimal HTTP/1.1 keep-alive client for load generation, so that the generator takes as
+    little as possible of the 2 cores it measures: one connection, one request at a time, requests
+    prepared as bytes, responses with Content-Length or chunked bodies."""
+
+    def __init__(self, base_url: str) -> None:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(base_url)
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or 80
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    def prepare(self, method: str, path: str, headers: dict[str, str], body: bytes = b"") -> bytes:
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}", f"Content-Length: {len(body)}"]
+        lines += [f"{k}: {v}" for k, v in headers.items()]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+    async def send(self, request: bytes) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None
+        self.writer.write(request)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        length, chunked, close = 0, False, False
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"transfer-encoding" and b"chunked" in value.lower():
+                chunked = True
+            elif name == b"connection" and b"close" in value.lower():
+                close = True
+        if chunked:
+            parts = []
+            while True:
+                size = int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                parts.append(await self.reader.readexactly(size + 2))
+                if size == 0:
+                    break
+            body = b"".join(p[:-2] for p in parts)
+        else:
+            body = await self.reader.readexactly(length)
+        if close:
+            await self.close()
+        return status, body
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+async def raw_closed_loop(base_url: str, requests: list[bytes], *, expect: int, concurrency: int,
+                          seconds: float) -> float:
+    """Closed loop over :class:`RawHttp` connections, cycling through prepared ``requests``;
+    returns answers with status ``expect`` per second."""
+    ok = 0
+    deadline = time.perf_counter() + seconds
+
+    async def worker(w: int) -> None:
+        nonlocal ok
+        client = RawHttp(base_url)
+        i = w
+        try:
+            while time.perf_counter() < deadline:
+                status, _ = await client.send(requests[i % len(requests)])
+                ok += status == expect
+                i += concurrency
+        finally:
+            await client.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    return ok / (time.perf_counter() - started)

@@ -29,9 +29,19 @@ async def init_connection(conn: asyncpg.Connection) -> None:
         )
 
 
-async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Pool release without asyncpg's default reset query (UNLISTEN, RESET ALL, CLOSE ALL, advisory
+    unlock: one more round trip per use). Pooled connections carry no session state here: no SET,
+    LISTEN or cursors, and the one session advisory lock (migrations) is released in ``finally``;
+    LISTEN and the relay's lock live on dedicated connections. asyncpg still rolls back an open
+    transaction before calling this."""
+
+
+async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10,
+                      server_settings: dict[str, str] | None = None) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
-        dsn, min_size=min_size, max_size=max_size, init=init_connection, command_timeout=60
+        dsn, min_size=min_size, max_size=max_size, init=init_connection, command_timeout=60, reset=_keep_session,
+        server_settings=server_settings,
     )
     assert pool is not None
     return pool

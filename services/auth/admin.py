@@ -89,7 +89,8 @@ def command(ctx: click.Context, env_file: str | None) -> None:
 @click.option("--reason", default="As a precaution after a security incident, we are requiring a password reset.",
               show_default=False, help="shown to people in the email")
 @click.option("--dry-run", is_flag=True, help="report what would happen, change nothing")
-@click.option("--batch-size", default=1000, show_default=True, type=click.IntRange(1, 5000))
+@click.option("--batch-size", default=5000, show_default=True, type=click.IntRange(1, 10000),
+              help="accounts per transaction (and per revocation event)")
 @click.option("--wait", default=60.0, show_default=True, help="seconds to wait for revocations and emails to be "
               "confirmed before the summary")
 @click.pass_context

@@ -36,6 +36,7 @@ from shared.crypto import Sealer
 from shared.events import AccountsResetRequired, PasswordsChanged, envelope, iso, utcnow
 
 PRODUCER = "auth-admin"
+NOTICE_CHUNK = 1000  # accounts per accounts.reset_required event (~230 KB with sealed tokens)
 
 
 class IncidentMismatch(Exception):
@@ -166,10 +167,13 @@ async def run_batch(conn: asyncpg.Connection, incident: asyncpg.Record, sel: Sel
             else:
                 accounts = [{"account_id": str(r["id"]), "email": r["email"], "username": r["username"]}
                             for r in fresh]
+            # Notification's part travels in chunks (each account carries its sealed token), so an
+            # event stays far below the broker's 1 MB record limit whatever the batch size.
             events = [envelope(AccountsResetRequired(
                 incident_id=incident_id, batch=batch_no, reason=incident["reason"], notify=incident["notify"],
-                accounts=accounts, reset_url=reset_url if incident["notify"] else None,
-                expires_at=iso(expires) if incident["notify"] else None), producer=PRODUCER, key=incident_id)]
+                accounts=accounts[i:i + NOTICE_CHUNK], reset_url=reset_url if incident["notify"] else None,
+                expires_at=iso(expires) if incident["notify"] else None), producer=PRODUCER, key=incident_id)
+                for i in range(0, len(accounts), NOTICE_CHUNK)]
             if incident["sign_out"]:
                 events.append(envelope(PasswordsChanged(
                     incident_id=incident_id, batch=batch_no, account_ids=[str(i) for i in ids], cause="forced",

@@ -172,8 +172,11 @@ class Auth:
             raise BadCredentials()
         login_norm = normalise_login(login)
         login_scope, addr_scope = self._scopes(login_norm, address)
-        await self.check_throttle([login_scope, addr_scope])
-        account = await store.find_by_login(self.pool, login_norm)
+        wait, failures_recorded, account = await store.find_for_signin(self.pool, login_norm,
+                                                                        [login_scope, addr_scope])
+        if wait > 0:
+            raise SignInThrottled(f"Too many failed attempts; try again in {int(wait) + 1} seconds",
+                                  retry_after=int(wait) + 1)
         if account is None:
             await self.passwords.verify_dummy(password)
             await self._failure(login_scope, addr_scope)
@@ -182,7 +185,8 @@ class Auth:
         if not result.ok:
             await self._failure(login_scope, addr_scope)
             raise BadCredentials()
-        await throttle.clear(self.pool, login_scope)
+        if failures_recorded:
+            await throttle.clear(self.pool, login_scope)
         if account.reset_required_at is not None:
             raise ResetRequired()
         if result.needs_rehash:

@@ -10,6 +10,7 @@ Topics in: ``auth.events`` (``password.changed``, ``passwords.changed``), ``revo
 Topics out (through the outbox): ``sessions.revoked`` (the fan-out every holder consumes),
 ``devicesession.events`` (``device.removed``).
 
-Tables: ``devices``, ``sessions`` (token HMACs only), ``revocations``, ``holders``,
+Tables: ``devices``, ``sessions`` (token HMACs only), ``account_cutoffs`` (bulk revocation: a
+session is live only if created after its account's cutoff), ``revocations``, ``holders``,
 ``revocation_acks``, plus the shared ``outbox`` and ``processed_events``.
 """

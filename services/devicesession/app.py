@@ -11,6 +11,7 @@ from aiohttp import web
 from services.devicesession import events, routes, store
 from services.devicesession.service import Topics
 from services.devicesession.settings import Settings
+from shared import db
 from shared.app import (
     POOL,
     PRODUCER,
@@ -58,6 +59,18 @@ async def flush_touches(app: web.Application) -> None:
         await store.touch_sessions(app[POOL], pending)
 
 
+async def mint_pool_ctx(app: web.Application) -> AsyncIterator[None]:
+    """A small pool for sign-in's session mint with asynchronous commit: the answer does not wait for
+    the WAL flush. A database crash can lose the last fraction of a second of minted sessions (their
+    clients sign in again); it cannot bring back a revoked one: revocations use the main pool."""
+    s = _settings(app)
+    pool = await db.create_pool(s.db_url(), min_size=1, max_size=max(2, s.db_pool_max // 2),
+                                server_settings={"synchronous_commit": "off"})
+    app[routes.MINT_POOL] = pool
+    yield
+    await pool.close()
+
+
 def auth_consumer(app: web.Application) -> ConsumerRunner:
     s = app[SETTINGS]
     return ConsumerRunner(
@@ -80,6 +93,7 @@ def create_app(settings: Settings) -> web.Application:
     app = base_app(settings)
     app.cleanup_ctx.extend([
         pool_ctx([("devicesession", MIGRATIONS)]),
+        mint_pool_ctx,
         producer_ctx,
         relay_ctx,
         topics_ctx,

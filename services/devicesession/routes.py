@@ -7,6 +7,7 @@ import time
 import uuid
 from datetime import UTC, datetime
 
+import asyncpg
 from aiohttp import web
 
 from services.devicesession import service, store
@@ -21,6 +22,7 @@ from shared.tokens import same
 
 TOPICS = web.AppKey("topics", service.Topics)
 TOUCHES = web.AppKey("touches", dict)
+MINT_POOL = web.AppKey("mint_pool", asyncpg.Pool)
 
 
 def _settings(request: web.Request) -> Settings:
@@ -60,9 +62,8 @@ async def mint_session(request: web.Request) -> web.Response:
     _internal(request)
     account_id, fields, remember = service.parse_mint(await json_object(request))
     s = _settings(request)
-    async with request.app[POOL].acquire() as conn:
-        minted = await service.mint(conn, s.hmac_key(), account_id, fields, remember=remember,
-                                    short_ttl=s.short_session_ttl)
+    minted = await service.mint(request.app[MINT_POOL], s.hmac_key(), account_id, fields, remember=remember,
+                                short_ttl=s.short_session_ttl)
     return web.json_response(
         {"token": minted.token, "session_id": str(minted.session_id), "device_id": minted.device_id,
          "device_uuid": str(minted.device_uuid), "issued_at": minted.issued_at.isoformat()},

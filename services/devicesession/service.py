@@ -103,16 +103,14 @@ def parse_mint(body: Any) -> tuple[uuid.UUID, dict[str, Any], bool]:
     return account_id, fields, remember
 
 
-async def mint(conn: asyncpg.Connection, key: bytes, account_id: uuid.UUID, fields: dict[str, Any], *,
-               remember: bool, short_ttl: int) -> Minted:
+async def mint(conn: asyncpg.Connection | asyncpg.Pool, key: bytes, account_id: uuid.UUID, fields: dict[str, Any],
+               *, remember: bool, short_ttl: int) -> Minted:
     """Create (or refresh) the device and a new session for it; only the token's HMAC is stored."""
     token = tokens.new_token(tokens.SESSION_TOKEN_BYTES)
     session_id = uuid.uuid4()
-    async with conn.transaction():
-        device = await store.upsert_device(conn, account_id, fields)
-        expires = None if remember else utcnow() + timedelta(seconds=short_ttl)
-        issued = await store.insert_session(conn, session_id, tokens.digest(key, token, purpose="session"),
-                                            account_id, device.id, expires)
+    expires = None if remember else utcnow() + timedelta(seconds=short_ttl)
+    device, issued = await store.mint_session(conn, account_id, fields, session_id,
+                                              tokens.digest(key, token, purpose="session"), expires)
     return Minted(token, session_id, device.id, device.uuid, issued)
 
 
@@ -131,33 +129,40 @@ async def revoke(conn: asyncpg.Connection, topics: Topics, *, cause: str, causin
     """Revoke in one statement and publish one ``sessions.revoked`` (if anything was revoked).
 
     Must run inside a transaction. Returns (number revoked, revocation id or None)."""
-    revoked, cutoff = await store.revoke_sessions(
-        conn, reason=cause, account_id=account_id, account_ids=account_ids, session_ids=session_ids,
-        device_id=device_id, except_session_id=except_session_id,
-    )
+    bulk = account_ids is not None
+    if account_ids is not None:
+        if account_id is not None or session_ids is not None or device_id is not None or except_session_id:
+            raise ValueError("a bulk revocation selects whole accounts only")
+        accounts, count, cutoff = await store.cut_off_accounts(conn, reason=cause, account_ids=account_ids)
+        revoked: list[tuple[uuid.UUID, uuid.UUID]] = []
+    else:
+        revoked, cutoff = await store.revoke_sessions(
+            conn, reason=cause, account_id=account_id, session_ids=session_ids, device_id=device_id,
+            except_session_id=except_session_id,
+        )
+        accounts, count = sorted({a for _, a in revoked}), len(revoked)
     revocation_id = uuid.uuid4()
     recorded = await store.insert_revocation(
         conn, revocation_id, account_id=account_id, causing_event_id=causing_event_id, cause=cause,
-        revoked=len(revoked), cutoff=cutoff, incident_id=incident_id,
+        revoked=count, cutoff=cutoff, incident_id=incident_id,
     )
     if not recorded:
         return 0, None  # this cause was handled before (its effects are committed already)
-    if not revoked:
+    if not count:
         return 0, str(revocation_id)
-    bulk = account_ids is not None
     event = SessionsRevoked(
         revocation_id=str(revocation_id),
-        account_id=key_account or str(account_id or revoked[0][1]),
+        account_id=key_account or str(account_id or accounts[0]),
         session_ids=[str(s) for s, _ in revoked] if not bulk else [],
         cutoff=iso(cutoff),
         cause=cause,
         causing_event_id=str(causing_event_id) if causing_event_id else None,
         all_sessions=bulk,
-        account_ids=sorted({str(a) for _, a in revoked}) if bulk else None,
+        account_ids=sorted(str(a) for a in accounts) if bulk else None,
     )
     env = envelope(event, producer=PRODUCER, key=event.account_id)
     await outbox.add(conn, topics.sessions_revoked, env)
-    return len(revoked), str(revocation_id)
+    return count, str(revocation_id)
 
 
 async def remove_device(conn: asyncpg.Connection, topics: Topics, account_id: uuid.UUID, device_id: int

@@ -3,6 +3,9 @@
 Functions take the connection first; the service decides where transactions start. Concurrency
 rules live in the SQL: device upsert on its unique key, revocation with one conditional UPDATE
 (``revoked_at IS NULL``) so two revokers never both count the same session.
+
+A session is live when it is not revoked (``revoked_at``), not expired, and created after its
+account's cutoff, if any (``account_cutoffs``: bulk revocation by account, see migration 0003).
 """
 
 from __future__ import annotations
@@ -61,30 +64,42 @@ _DEVICE_COLS = (
     "d.connections, d.created_at, d.last_seen_at"
 )
 
+# Not cut off by a bulk revocation of its account (``s`` is the sessions alias).
+_NOT_CUT_OFF = ("NOT EXISTS (SELECT 1 FROM account_cutoffs c WHERE c.account_id = s.account_id"
+                " AND c.revoked_before >= s.created_at)")
+
 
 def _device(row: asyncpg.Record) -> Device:
     return Device(**{k: row[k] for k in Device.__dataclass_fields__})
 
 
-async def upsert_device(conn: asyncpg.Connection, account_id: UUID, fields: dict[str, Any]) -> Device:
-    """Create the device of (account, client identifier) or refresh its descriptive fields."""
+async def mint_session(conn: asyncpg.Connection | asyncpg.Pool, account_id: UUID, fields: dict[str, Any],
+                       session_id: UUID, token_hmac: bytes, expires_at: datetime | None) -> tuple[Device, datetime]:
+    """Create the device of (account, client identifier) or refresh its descriptive fields, and add a
+    session for it: one statement, so one round trip and atomic without an explicit transaction."""
     row = await conn.fetchrow(
         """
-        INSERT INTO devices AS d (account_id, client_identifier, kind, product, version, platform,
-            platform_version, device, device_name, model, vendor, provides, public_address, connections)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
-        ON CONFLICT (account_id, client_identifier) DO UPDATE SET
-            kind = EXCLUDED.kind, product = EXCLUDED.product, version = EXCLUDED.version,
-            platform = EXCLUDED.platform, platform_version = EXCLUDED.platform_version,
-            device = EXCLUDED.device, device_name = EXCLUDED.device_name, model = EXCLUDED.model,
-            vendor = EXCLUDED.vendor, provides = EXCLUDED.provides,
-            public_address = CASE WHEN EXCLUDED.public_address = '' THEN d.public_address
-                                  ELSE EXCLUDED.public_address END,
-            connections = CASE WHEN EXCLUDED.connections = '[]'::jsonb THEN d.connections
-                               ELSE EXCLUDED.connections END,
-            last_seen_at = now(), removed_at = NULL
-        RETURNING """
-        + _DEVICE_COLS.replace("d.", ""),
+        WITH d AS (
+            INSERT INTO devices AS d (account_id, client_identifier, kind, product, version, platform,
+                platform_version, device, device_name, model, vendor, provides, public_address, connections)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+            ON CONFLICT (account_id, client_identifier) DO UPDATE SET
+                kind = EXCLUDED.kind, product = EXCLUDED.product, version = EXCLUDED.version,
+                platform = EXCLUDED.platform, platform_version = EXCLUDED.platform_version,
+                device = EXCLUDED.device, device_name = EXCLUDED.device_name, model = EXCLUDED.model,
+                vendor = EXCLUDED.vendor, provides = EXCLUDED.provides,
+                public_address = CASE WHEN EXCLUDED.public_address = '' THEN d.public_address
+                                      ELSE EXCLUDED.public_address END,
+                connections = CASE WHEN EXCLUDED.connections = '[]'::jsonb THEN d.connections
+                                   ELSE EXCLUDED.connections END,
+                last_seen_at = now(), removed_at = NULL
+            RETURNING """ + _DEVICE_COLS.replace("d.", "") + """
+        ), s AS (
+            INSERT INTO sessions (id, token_hmac, account_id, device_id, expires_at)
+            SELECT $15, $16, $1, d.id, $17 FROM d RETURNING created_at AS issued_at
+        )
+        SELECT d.*, s.issued_at FROM d, s
+        """,
         account_id,
         fields["client_identifier"],
         fields["kind"],
@@ -99,29 +114,12 @@ async def upsert_device(conn: asyncpg.Connection, account_id: UUID, fields: dict
         fields["provides"],
         fields["public_address"],
         fields["connections"],
-    )
-    assert row is not None
-    return _device(row)
-
-
-async def insert_session(
-    conn: asyncpg.Connection,
-    session_id: UUID,
-    token_hmac: bytes,
-    account_id: UUID,
-    device_id: int,
-    expires_at: datetime | None,
-) -> datetime:
-    created: datetime = await conn.fetchval(
-        "INSERT INTO sessions (id, token_hmac, account_id, device_id, expires_at)"
-        " VALUES ($1, $2, $3, $4, $5) RETURNING created_at",
         session_id,
         token_hmac,
-        account_id,
-        device_id,
         expires_at,
     )
-    return created
+    assert row is not None
+    return _device(row), row["issued_at"]
 
 
 async def find_active_session(conn: asyncpg.Connection | asyncpg.Pool, token_hmac: bytes) -> SessionInfo | None:
@@ -129,7 +127,8 @@ async def find_active_session(conn: asyncpg.Connection | asyncpg.Pool, token_hma
     row = await conn.fetchrow(
         "SELECT s.id, s.account_id, s.device_id, s.created_at, s.expires_at, d.client_identifier, d.kind"
         " FROM sessions s JOIN devices d ON d.id = s.device_id"
-        " WHERE s.token_hmac = $1 AND s.revoked_at IS NULL AND (s.expires_at IS NULL OR s.expires_at > now())",
+        " WHERE s.token_hmac = $1 AND s.revoked_at IS NULL AND (s.expires_at IS NULL OR s.expires_at > now())"
+        " AND " + _NOT_CUT_OFF,
         token_hmac,
     )
     if row is None:
@@ -143,21 +142,17 @@ async def revoke_sessions(
     *,
     reason: str,
     account_id: UUID | None = None,
-    account_ids: list[UUID] | None = None,
     session_ids: list[UUID] | None = None,
     device_id: int | None = None,
     except_session_id: UUID | None = None,
 ) -> tuple[list[tuple[UUID, UUID]], datetime]:
     """Revoke matching live sessions in one statement; returns (session id, account id) pairs
     actually revoked now (sessions already revoked are not counted twice) and the cutoff time."""
-    conditions = ["revoked_at IS NULL"]
+    conditions = ["revoked_at IS NULL", _NOT_CUT_OFF]
     args: list[Any] = [reason]
     if account_id is not None:
         args.append(account_id)
         conditions.append(f"account_id = ${len(args)}")
-    if account_ids is not None:
-        args.append(account_ids)
-        conditions.append(f"account_id = ANY(${len(args)}::uuid[])")
     if session_ids is not None:
         args.append(session_ids)
         conditions.append(f"id = ANY(${len(args)}::uuid[])")
@@ -167,15 +162,41 @@ async def revoke_sessions(
     if except_session_id is not None:
         args.append(except_session_id)
         conditions.append(f"id <> ${len(args)}")
-    if len(conditions) == 1:
+    if len(conditions) == 2:
         raise ValueError("refusing to revoke without a selector")
     rows = await conn.fetch(
-        f"UPDATE sessions SET revoked_at = now(), revoked_reason = $1 WHERE {' AND '.join(conditions)}"
+        f"UPDATE sessions s SET revoked_at = now(), revoked_reason = $1 WHERE {' AND '.join(conditions)}"
         " RETURNING id, account_id, revoked_at",
         *args,
     )
     cutoff: datetime = rows[0]["revoked_at"] if rows else await conn.fetchval("SELECT now()")
     return [(r["id"], r["account_id"]) for r in rows], cutoff
+
+
+async def cut_off_accounts(conn: asyncpg.Connection, *, reason: str, account_ids: list[UUID]
+                           ) -> tuple[list[UUID], int, datetime]:
+    """Bulk revocation: every session of these accounts created up to now is dead from now on. Writes
+    one cutoff per account (whether or not it has sessions, so a sign-in still committing now is cut
+    off too) and counts the sessions that were live. Returns (accounts that had live sessions, number of
+    sessions, cutoff). Two concurrent bulk revocations of one account may both count its sessions."""
+    rows = await conn.fetch(
+        """
+        WITH live AS (
+            SELECT s.account_id, count(*) AS n FROM sessions s
+            WHERE s.account_id = ANY($1::uuid[]) AND s.revoked_at IS NULL AND """ + _NOT_CUT_OFF + """
+            GROUP BY s.account_id
+        ), cut AS (
+            INSERT INTO account_cutoffs AS c (account_id, revoked_before, reason)
+            SELECT DISTINCT a, now(), $2 FROM unnest($1::uuid[]) AS a
+            ON CONFLICT (account_id) DO UPDATE
+                SET revoked_before = GREATEST(c.revoked_before, EXCLUDED.revoked_before), reason = EXCLUDED.reason
+        )
+        SELECT account_id, n, now() AS cutoff FROM live
+        """,
+        account_ids, reason,
+    )
+    cutoff: datetime = rows[0]["cutoff"] if rows else await conn.fetchval("SELECT now()")
+    return [r["account_id"] for r in rows], sum(int(r["n"]) for r in rows), cutoff
 
 
 async def insert_revocation(
@@ -216,8 +237,8 @@ async def list_devices(conn: asyncpg.Connection | asyncpg.Pool, account_id: UUID
     rows = await conn.fetch(
         "SELECT " + _DEVICE_COLS + ", s.token_hmac, s.n FROM devices d"
         " JOIN LATERAL (SELECT count(*) AS n, (array_agg(token_hmac ORDER BY created_at DESC))[1] AS token_hmac"
-        "   FROM sessions WHERE device_id = d.id AND revoked_at IS NULL"
-        "   AND (expires_at IS NULL OR expires_at > now())) s ON s.n > 0"
+        "   FROM sessions s WHERE s.device_id = d.id AND s.revoked_at IS NULL"
+        "   AND (s.expires_at IS NULL OR s.expires_at > now()) AND " + _NOT_CUT_OFF + ") s ON s.n > 0"
         " WHERE d.account_id = $1 AND d.removed_at IS NULL ORDER BY d.last_seen_at DESC, d.id DESC",
         account_id,
     )

@@ -20,5 +20,7 @@ def command(name: str, port: int, host: str) -> None:
 
     settings = HolderSettings(name=name, http_port=port, http_host=host)
     logs.setup(f"holder-{name}", settings.log_level)
-    web.run_app(create_app(settings), host=host, port=port, access_log=None,
+    from shared.app import new_event_loop
+
+    web.run_app(create_app(settings), host=host, port=port, access_log=None, loop=new_event_loop(),
                 print=lambda *_: logging.getLogger(__name__).info("listening", extra={"port": port}))

@@ -255,6 +255,7 @@ class Sender:
         self.smtp = SmtpConfig.parse(settings.smtp_url.get_secret_value())
         self.bucket = TokenBucket(settings.smtp_rate)
         self.wake = asyncio.Event()
+        self.space = asyncio.Event()  # a worker took a message: the claimer may claim again
         self.queue: asyncio.Queue[store.Delivery] = asyncio.Queue(maxsize=settings.smtp_concurrency)
         self.tasks: list[asyncio.Task[None]] = []
         self.stopping = False
@@ -281,10 +282,12 @@ class Sender:
             try:
                 if time.monotonic() - last_stale > 10:
                     await store.requeue_stale(self.pool, self.s.sending_timeout)
-                    QUEUE_AGE.set(await store.oldest_due_age(self.pool))
+                    QUEUE_AGE.set(await store.oldest_due_age(self.pool, sorted(set(PRIORITY.values()))))
                     last_stale = time.monotonic()
+                self.space.clear()
                 if self.queue.full():
-                    await asyncio.sleep(0.005)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.space.wait(), 1.0)
                     continue
                 free = self.queue.maxsize - self.queue.qsize()
                 batch = await store.claim_due(self.pool, max(1, free))
@@ -305,6 +308,7 @@ class Sender:
         try:
             while True:
                 d = await self.queue.get()
+                self.space.set()
                 try:
                     client = await self._deliver(client, d)
                 finally:

@@ -113,9 +113,14 @@ async def requeue_stale(conn: asyncpg.Connection | asyncpg.Pool, older_than: flo
     return int(result.split()[-1])
 
 
-async def oldest_due_age(conn: asyncpg.Connection | asyncpg.Pool) -> float:
+async def oldest_due_age(conn: asyncpg.Connection | asyncpg.Pool, priorities: list[int]) -> float:
+    """Age of the oldest waiting delivery: the first one of each priority in the due index (ids grow
+    with time), so a queue of a million rows costs a few index probes, not a scan."""
     value = await conn.fetchval(
-        "SELECT extract(epoch FROM now() - min(created_at)) FROM deliveries WHERE status IN ('queued', 'failed')"
+        "SELECT extract(epoch FROM now() - min(d.created_at)) FROM unnest($1::smallint[]) AS p(priority)"
+        " CROSS JOIN LATERAL (SELECT created_at FROM deliveries WHERE status IN ('queued', 'failed')"
+        "   AND priority = p.priority ORDER BY id LIMIT 1) d",
+        priorities,
     )
     return float(value or 0.0)
 
