@@ -129,6 +129,8 @@ async def revoke(conn: asyncpg.Connection, topics: Topics, *, cause: str, causin
     """Revoke in one statement and publish one ``sessions.revoked`` (if anything was revoked).
 
     Must run inside a transaction. Returns (number revoked, revocation id or None)."""
+    if causing_event_id is not None and await store.find_revocation_by_cause(conn, causing_event_id) is not None:
+        return 0, None  # this cause was handled before: revoking again would cut off sessions made since
     bulk = account_ids is not None
     if account_ids is not None:
         if account_id is not None or session_ids is not None or device_id is not None or except_session_id:

@@ -16,7 +16,7 @@ from aiokafka import AIOKafkaConsumer
 
 from deploy.launcher import Stack, free_port
 from shared import kafka
-from shared.events import AUTH_EVENTS, SESSIONS_REVOKED, PasswordChanged, envelope
+from shared.events import AUTH_EVENTS, SESSIONS_REVOKED, PasswordChanged, PasswordsChanged, envelope
 from shared.holder import holder_secret
 from tests.conftest import ROOT, TEST_HOLDERS, eventually
 
@@ -153,6 +153,38 @@ async def test_redelivered_password_change_revokes_nothing_twice(stack: Stack) -
     finally:
         await consumer.stop()
     assert found == 1
+
+
+async def test_bulk_revocation_cuts_off_whole_accounts_once(stack: Stack) -> None:
+    """The breach command's batch form: every session of the listed accounts made before it is dead
+    (holders included), others are untouched, sessions made afterwards live, and the same event
+    delivered again cuts off nothing more."""
+    a, b, other = (str(uuid.uuid4()) for _ in range(3))
+    olds = [await mint(stack, a, "tv"), await mint(stack, a, "phone"), await mint(stack, b, "srv", kind="server")]
+    bystander = await mint(stack, other, "tv")
+    for port in holder_ports(stack):
+        assert await library_status(port, str(olds[0]["token"])) == 200  # cached by every holder
+    ev = envelope(PasswordsChanged(incident_id=f"t-{uuid.uuid4().hex[:6]}", batch=1, account_ids=[a, b],
+                                   reason="test"), producer="tests", key="t")
+    await publish_password_changed(stack, a, revoke=True, env=ev)
+    for s in olds:
+        await eventually(lambda s=s: introspect_inactive(stack, str(s["token"])), timeout=10)
+    for port in holder_ports(stack):
+        await eventually(lambda port=port: library_refuses(port, str(olds[0]["token"])), timeout=5)
+    assert (await introspect(stack, str(bystander["token"])))["active"] is True
+    fresh = await mint(stack, a, "tv")  # signed in again after the revocation
+    await publish_password_changed(stack, a, revoke=True, env=ev)  # the same event again
+    await asyncio.sleep(1.5)
+    assert (await introspect(stack, str(fresh["token"])))["active"] is True
+    async with aiohttp.ClientSession() as http:
+        async with http.get(stack.url("devicesession") + "/internal/revocations",
+                            params={"causing_event_id": str(ev.id)},
+                            headers={"Authorization": f"Bearer {stack.env['INTERNAL_API_SECRET']}"}) as r:
+            assert r.status == 200 and (await r.json())["revoked"] == 3
+
+
+async def library_refuses(port: int, token: str) -> bool:
+    return await library_status(port, token) == 401
 
 
 async def introspect_inactive(stack: Stack, token: str) -> bool:
