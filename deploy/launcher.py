@@ -52,10 +52,37 @@ class LaunchError(RuntimeError):
     pass
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port on 127.0.0.1 for a server started later. Taken below the kernel's ephemeral range,
+    so no outgoing connection (Kafka, PostgreSQL clients) can occupy it before the server binds, and
+    never handed out twice by this process (binding port 0 twice can return the same port, and then
+    one service would answer for another)."""
+    import random
+
+    low = 32768
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(500):
+        port = random.randint(max(1024, low - 12000), low - 1)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    while True:  # the range is crowded: fall back to the kernel's choice
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
@@ -501,8 +528,14 @@ class Stack:
                 raise LaunchError(f"{name} exited with code {child.proc.returncode}; see its log")
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:  # noqa: S310
-                    if r.status == 200:
-                        return
+                    ready = r.status == 200
+                if ready:
+                    # Make sure it is this service that answers on the port, not another one.
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:  # noqa: S310
+                        answering = orjson.loads(r.read()).get("service")
+                    if answering not in (None, name):
+                        raise LaunchError(f"port {port} of {name} is answered by {answering}")
+                    return
             except (urllib.error.URLError, OSError):
                 pass
             time.sleep(0.2)

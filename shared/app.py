@@ -42,6 +42,13 @@ RELAY = web.AppKey("relay", OutboxRelay)
 CONSUMERS = web.AppKey("consumers", list)
 READY_CHECKS = web.AppKey("ready_checks", list)
 HTML_ERRORS = web.AppKey("html_errors", object)
+SERVICE_NAME = web.AppKey("service_name", str)  # for apps without CommonSettings (sample holders)
+
+
+def service_name(app: web.Application) -> str:
+    if SETTINGS in app:
+        return app[SETTINGS].service_name
+    return app.get(SERVICE_NAME, "hearth")
 
 HTTP_SECONDS = Histogram(
     "hearth_http_request_seconds",
@@ -120,7 +127,7 @@ async def request_context(
     finally:
         elapsed = time.perf_counter() - started
         route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
-        service = request.app[SETTINGS].service_name if SETTINGS in request.app else "hearth"
+        service = service_name(request.app)
         HTTP_SECONDS.labels(service, route, request.method, str(status)).observe(elapsed)
         if route not in ("/metrics", "/healthz", "/readyz"):
             # The path only: query strings can carry tokens (claim exchange, X-Plex-Token).
@@ -157,7 +164,7 @@ async def _handle_errors(
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok", "service": request.app[SETTINGS].service_name})
+    return web.json_response({"status": "ok", "service": service_name(request.app)})
 
 
 async def readyz(request: web.Request) -> web.Response:

@@ -9,7 +9,7 @@ from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared import plex
-from shared.app import READY_CHECKS, healthz, metrics, readyz, request_context
+from shared.app import READY_CHECKS, SERVICE_NAME, healthz, metrics, readyz, request_context
 from shared.errors import Unauthorized
 from shared.holder import HOLDER, HolderKit, holder_secret
 
@@ -52,6 +52,7 @@ async def library(request: web.Request) -> web.Response:
 
 def create_app(settings: HolderSettings) -> web.Application:
     app = web.Application(middlewares=[request_context], client_max_size=64 * 1024)
+    app[SERVICE_NAME] = f"holder-{settings.name}"
     app[READY_CHECKS] = []
 
     async def kit_ctx(app: web.Application) -> AsyncIterator[None]:
