@@ -319,15 +319,7 @@ def periodic_ctx(
     return ctx
 
 
-async def json_object(request: web.Request) -> dict[str, Any]:
-    """The request body as a JSON object, or a 400."""
-    try:
-        body = orjson.loads(await request.read())
-    except orjson.JSONDecodeError:
-        raise ValidationFailed("the body must be JSON") from None
-    if not isinstance(body, dict):
-        raise ValidationFailed("the body must be a JSON object")
-    return body
+json_object = plex.json_object  # the request body as a JSON object, or a 400
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

@@ -52,6 +52,17 @@ def parse_bool(value: str | None, default: bool = False) -> bool:
     raise ValidationFailed(f"not a boolean: {value[:20]!r}")
 
 
+async def json_object(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400."""
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        raise ValidationFailed("the body must be JSON") from None
+    if not isinstance(body, dict):
+        raise ValidationFailed("the body must be a JSON object")
+    return body
+
+
 async def form(request: web.Request) -> MultiDictProxy[str]:
     """The request's form fields (urlencoded or multipart), or an empty mapping; cached."""
     cached = request.get(_FORM)
@@ -67,12 +78,7 @@ async def form(request: web.Request) -> MultiDictProxy[str]:
             MultiDict((k, v) for k, v in raw.items() if isinstance(v, str))
         )
     elif request.body_exists and request.content_type == "application/json":
-        try:
-            obj = orjson.loads(await request.read())
-        except orjson.JSONDecodeError:
-            raise ValidationFailed("the JSON body is malformed") from None
-        if not isinstance(obj, dict):
-            raise ValidationFailed("the JSON body must be an object")
+        obj = await json_object(request)
         data = MultiDictProxy(MultiDict((str(k), _scalar(v)) for k, v in obj.items() if v is not None))
     else:
         if request.body_exists and await request.read():  # read() enforces the body size limit (413)
