@@ -7,14 +7,13 @@ import asyncio
 import importlib
 import os
 import platform
-import shutil
 import time
 import traceback
 import uuid
 from pathlib import Path
 
 from bench.common import Row, table
-from deploy.launcher import ROOT, Stack
+from deploy.launcher import ROOT, Stack, remove_run_dir
 
 # Benchmark modules, in the order they run. Each exposes NAME and `async def run(stack)`.
 MODULES = ["bench.backbone", "bench.signin", "bench.fanout", "bench.linkcode", "bench.notification",
@@ -64,7 +63,7 @@ def main() -> None:
     finally:
         stack.stop()
         if not args.keep:
-            shutil.rmtree(run_dir, ignore_errors=True)
+            remove_run_dir(run_dir)
     print()
     print(table(rows))
     out = ROOT / "artifacts" / "bench.txt"

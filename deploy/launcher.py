@@ -232,14 +232,56 @@ def pg_bindir() -> Path:
                       "(apt-get install postgresql) or set DATABASE_URL")
 
 
+def _reachable_by(path: Path, user: str) -> bool:
+    """Whether ``user`` may traverse every existing directory on the way to ``path``."""
+    import stat
+
+    pw = pwd.getpwnam(user)
+    for d in [path, *path.parents]:
+        if not d.exists():
+            continue
+        st = d.stat()
+        bit = stat.S_IXUSR if st.st_uid == pw.pw_uid else stat.S_IXGRP if st.st_gid == pw.pw_gid else stat.S_IXOTH
+        if not st.st_mode & bit:
+            return False
+    return True
+
+
+PG_OUTSIDE = Path("/var/tmp/hearth-postgres")  # noqa: S108 - root-owned, checked before use
+
+
+def remove_run_dir(run_dir: Path) -> None:
+    """Delete a run directory, and the PostgreSQL cluster it points to when that had to live outside."""
+    link = run_dir / "postgres"
+    if link.is_symlink():
+        shutil.rmtree(link.resolve(), ignore_errors=True)
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
 class Postgres:
     def __init__(self, data_dir: Path, port: int, out: Output, *, fast: bool = False) -> None:
-        self.data_dir = data_dir
         self.port = port
         self.out = out
         self.fast = fast
         self.child: Child | None = None
         self.user = "postgres" if os.geteuid() == 0 else None
+        if self.user and not data_dir.is_symlink():
+            _ensure_system_user(self.user)
+            if not _reachable_by(data_dir.parent, self.user):
+                # As root the server runs as the postgres user, which cannot enter a private checkout
+                # (a clone under mktemp -d, a 0700 home): keep the cluster in a directory it can reach
+                # and leave a link in the run directory (remove_run_dir deletes both).
+                import hashlib
+
+                outside = PG_OUTSIDE / hashlib.sha256(str(data_dir).encode()).hexdigest()[:16]
+                PG_OUTSIDE.mkdir(parents=True, exist_ok=True)
+                if PG_OUTSIDE.is_symlink() or PG_OUTSIDE.stat().st_uid != 0:
+                    raise LaunchError(f"{PG_OUTSIDE} must be a directory owned by root")
+                os.chmod(PG_OUTSIDE, 0o755)  # noqa: S103 - the postgres user only needs to traverse it
+                outside.mkdir(exist_ok=True)
+                data_dir.parent.mkdir(parents=True, exist_ok=True)
+                data_dir.symlink_to(outside, target_is_directory=True)
+        self.data_dir = data_dir.resolve() if data_dir.is_symlink() else data_dir
 
     @property
     def url(self) -> str:
@@ -254,7 +296,7 @@ class Postgres:
                 os.setgid(pw.pw_gid)
                 os.setuid(pw.pw_uid)
 
-        res = subprocess.run(argv, capture_output=True, preexec_fn=pre)
+        res = subprocess.run(argv, capture_output=True, preexec_fn=pre, cwd="/")
         if res.returncode != 0:
             raise LaunchError(f"{argv[0]} failed: {res.stderr.decode(errors='replace')[-2000:]}")
 
@@ -278,7 +320,7 @@ class Postgres:
         if self.fast:
             settings += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
         self.child = spawn("postgres", [str(bindir / "postgres"), "-D", str(self.data_dir), *settings],
-                           self.out, user=self.user)
+                           self.out, user=self.user, cwd=Path("/"))
         self.child.stop_signal = signal.SIGINT  # "fast" shutdown
         wait_port(self.port, 60, "PostgreSQL", self.child.proc)
         # Accepting TCP is not the same as accepting queries: wait for recovery to end.

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-import shutil
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -27,7 +26,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from deploy.launcher import Stack  # noqa: E402
+from deploy.launcher import Stack, remove_run_dir  # noqa: E402
 from shared import db  # noqa: E402
 from shared.settings import with_database  # noqa: E402
 
@@ -95,7 +94,7 @@ def stack_obj() -> Iterator[Stack]:
         for c in containers:
             c.stop()  # type: ignore[attr-defined]
         if os.environ.get("HEARTH_KEEP_TEST_RUN") != "1":
-            shutil.rmtree(run_dir, ignore_errors=True)
+            remove_run_dir(run_dir)
 
 
 @pytest.fixture(scope="session")
