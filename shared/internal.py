@@ -2,19 +2,24 @@
 
 Internal routes (``/internal/...``) are never routed by the edge, and each one requires
 ``Authorization: Bearer <INTERNAL_API_SECRET>``, compared in constant time. :class:`InternalClient`
-is the caller's side: one pooled aiohttp session per service, JSON in and out, domain errors
+is the caller's side: pooled keep-alive connections per service, JSON in and out, domain errors
 re-raised from the callee's problem JSON so they propagate with their status and code.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
-import aiohttp
+import httptools
 import orjson
 from aiohttp import web
+from multidict import CIMultiDict
 
+from shared import logs
 from shared.errors import HearthError, Unauthorized, Unavailable
 from shared.tokens import same
 
@@ -26,43 +31,163 @@ def require_internal(request: web.Request, secret: str) -> None:
         raise Unauthorized("internal route: missing or wrong credentials")
 
 
-class InternalClient:
-    def __init__(self, base_url: str, secret: str, *, timeout: float = 10.0) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.secret = secret
-        self.timeout = aiohttp.ClientTimeout(total=timeout)
-        self._session: aiohttp.ClientSession | None = None
+class _Connection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection; httptools (llhttp) parses the answers."""
 
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                timeout=self.timeout,
-                connector=aiohttp.TCPConnector(limit=100, keepalive_timeout=30),
-                json_serialize=lambda o: orjson.dumps(o).decode(),
-            )
-        return self._session
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.waiter: asyncio.Future[None] | None = None
+        self.headers: CIMultiDict[str] = CIMultiDict()
+        self.body: list[bytes] = []
+        self.status = 0
+        self.keep_alive = False
+        self.closed = False
+        self.idle_since = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio's classes
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(exc)
+            self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._fail(exc or ConnectionResetError("connection closed before the answer was complete"))
+
+    # httptools callbacks
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.add(name.decode("latin-1"), value.decode("latin-1"))
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.status = self.parser.get_status_code()
+        self.keep_alive = self.parser.should_keep_alive()
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(exc)
+
+    async def exchange(self, request: bytes) -> None:
+        self.headers, self.body, self.status = CIMultiDict(), [], 0
+        self.waiter = asyncio.get_running_loop().create_future()
+        assert self.transport is not None
+        self.transport.write(request)
+        await self.waiter
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class InternalClient:
+    """JSON over keep-alive HTTP/1.1 to one service.
+
+    Internal calls sit on hot paths (every sign-in mints its session through one), so this is a
+    deliberately small client: pooled connections, requests written as one buffer, answers parsed by
+    httptools. A general-purpose client (aiohttp's) spends about 0.4 ms more CPU per call on this
+    machine when the process wakes for it alone. Idle connections are dropped after 30 s, well before
+    the server's keep-alive timeout (75 s), so a pooled connection is not closed under a request.
+    """
+
+    IDLE_LIMIT = 30.0
+
+    def __init__(self, base_url: str, secret: str, *, timeout: float = 10.0, max_connections: int = 100) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"internal URL must be http(s)://host[:port]: {base_url!r}")
+        self.base_url = base_url.rstrip("/")
+        self.host = parts.hostname
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.tls = parts.scheme == "https"
+        self.prefix = parts.path.rstrip("/")
+        self.secret = secret
+        self.timeout = timeout
+        self._head = (f"Host: {parts.netloc}\r\nAuthorization: Bearer {secret}\r\n"
+                      "Accept: application/json\r\n").encode("latin-1")
+        self._idle: list[_Connection] = []
+        self._slots = asyncio.Semaphore(max_connections)
+
+    async def _connect(self) -> _Connection:
+        now = time.monotonic()
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.closed and now - conn.idle_since < self.IDLE_LIMIT:
+                return conn
+            conn.close()
+        ssl = None
+        if self.tls:
+            import ssl as ssl_module
+
+            ssl = ssl_module.create_default_context()
+        _, conn = await asyncio.get_running_loop().create_connection(_Connection, self.host, self.port, ssl=ssl)
+        return conn
+
+    def _encode(self, method: str, path: str, body: Any, headers: dict[str, str] | None) -> bytes:
+        target = self.prefix + path
+        if not target.startswith("/") or any(c in target for c in " \r\n"):
+            raise ValueError(f"bad internal path {path!r}")
+        lines = [f"{method} {target} HTTP/1.1\r\n".encode("latin-1"), self._head]
+        rid = logs.request_id.get()
+        if rid:
+            lines.append(f"X-Request-Id: {rid}\r\n".encode("latin-1"))
+        for name, value in (headers or {}).items():
+            if any(c in name + value for c in "\r\n") or ":" in name:
+                raise ValueError(f"bad header {name!r}")
+            lines.append(f"{name}: {value}\r\n".encode("latin-1"))
+        payload = b"" if body is None else orjson.dumps(body)
+        if body is not None:
+            lines.append(b"Content-Type: application/json\r\n")
+        lines.append(b"Content-Length: %d\r\n\r\n" % len(payload))
+        lines.append(payload)
+        return b"".join(lines)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        while self._idle:
+            self._idle.pop().close()
 
     async def request(self, method: str, path: str, body: Any = None, *, headers: dict[str, str] | None = None
                       ) -> tuple[Any, Mapping[str, str]]:
         """Call a route; returns (decoded JSON or None, response headers). Errors in problem JSON or
         Plex's ``errors`` shape are raised as HearthError with their status, code and retry-after."""
-        hdrs = {"Authorization": f"Bearer {self.secret}", "Accept": "application/json"}
-        if headers:
-            hdrs.update(headers)
+        request = self._encode(method, path, body, headers)
+        async with self._slots:
+            conn: _Connection | None = None
+            try:
+                async with asyncio.timeout(self.timeout):
+                    conn = await self._connect()
+                    await conn.exchange(request)
+            except (OSError, TimeoutError, httptools.HttpParserError) as exc:
+                if conn is not None:
+                    conn.close()
+                raise Unavailable(f"{self.base_url} unreachable: {type(exc).__name__}") from exc
+            except BaseException:
+                if conn is not None:
+                    conn.close()  # cancelled mid-exchange: the connection's state is unknown
+                raise
+            status, answer, raw = conn.status, conn.headers, b"".join(conn.body)
+            if conn.keep_alive and not conn.closed:
+                conn.idle_since = time.monotonic()
+                self._idle.append(conn)
+            else:
+                conn.close()
         try:
-            async with self.session.request(method, self.base_url + path, json=body, headers=hdrs) as resp:
-                raw = await resp.read()
-                data: Any = orjson.loads(raw) if raw and resp.content_type.endswith("json") else None
-                if resp.status >= 400:
-                    raise _error(resp.status, data, resp.headers.get("Retry-After"))
-                return data, resp.headers
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise Unavailable(f"{self.base_url} unreachable: {type(exc).__name__}") from exc
+            data: Any = orjson.loads(raw) if raw and answer.get("Content-Type", "").split(";")[0].endswith("json") \
+                else None
+        except orjson.JSONDecodeError as exc:
+            raise Unavailable(f"{self.base_url} answered malformed JSON") from exc
+        if status >= 400:
+            raise _error(status, data, answer.get("Retry-After"))
+        return data, answer
 
     async def call(self, method: str, path: str, body: Any = None, *, headers: dict[str, str] | None = None) -> Any:
         """Call an internal route; returns the decoded JSON (or None for 204)."""
