@@ -44,6 +44,7 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = False
         self.closed = False
         self.idle_since = 0.0
+        self.loop = asyncio.get_running_loop()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio's classes
@@ -119,8 +120,11 @@ class InternalClient:
 
     async def _connect(self) -> _Connection:
         now = time.monotonic()
+        loop = asyncio.get_running_loop()
         while self._idle:
             conn = self._idle.pop()
+            if conn.loop is not loop:  # left over from an event loop that has ended
+                continue
             if not conn.closed and now - conn.idle_since < self.IDLE_LIMIT:
                 return conn
             conn.close()

@@ -89,3 +89,42 @@ async def test_unreachable_service_is_unavailable() -> None:
     client = InternalClient(f"http://127.0.0.1:{free_port()}", "s3cret", timeout=2)
     with pytest.raises(Unavailable):
         await client.call("GET", "/anything")
+
+
+
+
+def test_pooled_connections_do_not_cross_event_loops() -> None:
+    """A command may call from one asyncio.run and then from another: the connection pooled by the
+    first loop is left behind, not written to (its answer would never be read)."""
+    import threading
+
+    port = free_port()
+    ready = threading.Event()
+    server_loop = asyncio.new_event_loop()
+    runners: list[web.AppRunner] = []
+
+    async def serve() -> None:
+        async def echo(request: web.Request) -> web.Response:
+            return web.json_response(await request.json())
+
+        app = web.Application()
+        app.router.add_post("/echo", echo)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        runners.append(runner)
+        ready.set()
+
+    thread = threading.Thread(target=lambda: (server_loop.run_until_complete(serve()), server_loop.run_forever()),
+                              daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    client = InternalClient(f"http://127.0.0.1:{port}", "s3cret", timeout=3)
+    try:
+        assert asyncio.run(client.call("POST", "/echo", {"round": 1})) == {"round": 1}
+        assert len(client._idle) == 1
+        assert asyncio.run(client.call("POST", "/echo", {"round": 2})) == {"round": 2}
+    finally:
+        asyncio.run_coroutine_threadsafe(runners[0].cleanup(), server_loop).result(10)
+        server_loop.call_soon_threadsafe(server_loop.stop)
+        thread.join(5)
