@@ -50,9 +50,9 @@ def _lower_priority(nice: int) -> None:
     """Raise this hashing thread's nice value (Linux schedules threads one by one), so that request
     handling on the same cores preempts a running hash at once instead of waiting out its slice."""
     if nice > 0:
+        tid = threading.get_native_id()
         try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
-                           os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) + nice)
+            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
         except (AttributeError, OSError):  # not Linux, or not allowed: hash at normal priority
             pass
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import SecretStr
+from pydantic import Field, SecretStr
 
 from shared.settings import CommonSettings
 
@@ -21,7 +21,7 @@ class Settings(CommonSettings):
     argon2_concurrency: int = 2
     # How far below normal priority the hashing threads run (nice increment, Linux): request handling
     # preempts hashing at once; hashing still gets every otherwise idle cycle. 0 disables.
-    argon2_nice: int = 10
+    argon2_nice: int = Field(default=10, ge=0, le=19)
     reset_token_ttl: int = 3600
     # How long a password change with sign-out waits for devicesession to confirm the revocation
     # before answering (seconds); the answer carries X-Hearth-Sessions-Revoked when confirmed.
