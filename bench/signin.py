@@ -46,6 +46,18 @@ def raw_argon2_rate(seconds: float, threads: int = 2) -> float:
     return count / (time.perf_counter() - started)
 
 
+async def mint_batches(stack: Stack) -> tuple[float, float]:
+    """(sessions, devicesession calls) so far, from auth's hearth_auth_mint_batch_size histogram."""
+    async with aiohttp.ClientSession() as http, http.get(stack.url("auth") + "/metrics") as r:
+        text = await r.text()
+    values = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("hearth_auth_mint_batch_size_sum", "hearth_auth_mint_batch_size_count"):
+            values[name] = float(value)
+    return values.get("hearth_auth_mint_batch_size_sum", 0.0), values.get("hearth_auth_mint_batch_size_count", 0.0)
+
+
 async def run(stack: Stack) -> list[Row]:
     name = f"bench{int(time.time())}"
     async with aiohttp.ClientSession() as http:
@@ -87,11 +99,20 @@ async def run(stack: Stack) -> list[Row]:
         "X-Plex-Client-Identifier": f"bench-{i}", "Accept": "application/json",
         "Content-Type": "application/x-www-form-urlencoded"}, body) for i in range(50)]
     idle = await probe(3)
+    # One client at a time: nothing else is hashing, so the mint goes at once (no batching wait).
+    alone: list[float] = []
+    async with aiohttp.ClientSession() as http:
+        for i in range(40):
+            t0 = time.perf_counter()
+            assert await signin(http, i)
+            alone.append(time.perf_counter() - t0)
+    one_verify = 1000 / await asyncio.to_thread(raw_argon2_rate, 1.0, 1)
     await closed_loop(signin, concurrency=16, seconds=2)  # warm-up: devices exist, pools are full
     # Throughput on its own (the probe below would take its share of the 2 cores), with the CPU each
     # kind of process spends per sign-in. Rounds alternate sign-in and raw argon2, so slow drifts of
     # this shared VM hit both alike.
     meter = CpuMeter()
+    minted0, calls0 = await mint_batches(stack)
     signed = raw_count = 0
     signin_s = raw_s = raw_cpu = 0.0
     ratios = []
@@ -111,6 +132,7 @@ async def run(stack: Stack) -> list[Row]:
         raw_s += elapsed
         ratios.append(rate / raw_rate)
     cpu = meter.seconds
+    minted1, calls1 = await mint_batches(stack)
     rate, raw, count = signed / signin_s, raw_count / raw_s, signed
     # Then the probe while sign-in is saturated again.
     user_task = asyncio.create_task(probe(SECONDS / 2))
@@ -122,6 +144,10 @@ async def run(stack: Stack) -> list[Row]:
         Row(NAME, f"  lowest round's ratio (of {ROUNDS} alternating rounds)", min(ratios), "ratio",
             "highest round's ratio", max(ratios)),
         Row(NAME, "CPU per verify: raw argon2id (bench process)", raw_cpu / raw_count * 1000, "ms"),
+        Row(NAME, "sessions per devicesession mint call (batching)", (minted1 - minted0) / max(1.0, calls1 - calls0),
+            "sessions"),
+        Row(NAME, "sign-in p50, one client at a time", summary_ms(alone[5:])["p50"], "ms",
+            "one raw argon2id verify (1 thread)", one_verify),
         Row(NAME, "GET /api/v2/user p99 during sign-in load (50/s probe)", summary_ms(loaded)["p99"], "ms",
             "same request, idle service p99", summary_ms(idle)["p99"], "< 20 ms"),
         Row(NAME, "GET /api/v2/user p50 during sign-in load", summary_ms(loaded)["p50"], "ms",

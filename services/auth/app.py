@@ -10,6 +10,7 @@ from pathlib import Path
 from aiohttp import web
 
 from services.auth import routes, store
+from services.auth.minting import MintBatcher
 from services.auth.service import Auth, Topics
 from services.auth.settings import Settings
 from shared import throttle
@@ -37,11 +38,15 @@ async def auth_ctx(app: web.Application) -> AsyncIterator[None]:
                           peppers=peppers, concurrency=s.argon2_concurrency, nice=s.argon2_nice)
     app[routes.AUTH] = Auth(s, app[POOL], passwords, Topics(auth_events=s.topic(AUTH_EVENTS)))
     app[routes.DEVICESESSION] = InternalClient(s.devicesession_url, s.internal_api_secret.get_secret_value())
+    app[routes.MINTER] = MintBatcher(app[routes.DEVICESESSION], window=s.mint_batch_window_ms / 1000,
+                                     busy=lambda: passwords.in_flight)
+    passwords.on_settled.append(app[routes.MINTER].settled)
     app[routes.BACKGROUND] = set()
     yield
     pending: set[asyncio.Task[None]] = app[routes.BACKGROUND]
     if pending:
         await asyncio.wait(pending, timeout=10)
+    await app[routes.MINTER].close()
     await app[routes.DEVICESESSION].close()
     passwords.close()
 

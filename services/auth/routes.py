@@ -10,6 +10,7 @@ from aiohttp import web
 
 from services.auth import store
 from services.auth.errors import InvalidToken
+from services.auth.minting import MintBatcher
 from services.auth.service import Auth
 from services.auth.settings import Settings
 from shared import plex
@@ -21,6 +22,7 @@ from shared.tokens import same
 
 AUTH = web.AppKey("auth", Auth)
 DEVICESESSION = web.AppKey("devicesession", InternalClient)
+MINTER = web.AppKey("minter", MintBatcher)
 BACKGROUND = web.AppKey("background", set)
 
 
@@ -82,7 +84,7 @@ async def _mint(request: web.Request, account: store.Account, remember: bool) ->
     info = await plex.client_info(request)
     if not info.client_identifier:
         raise MissingClientIdentifier()
-    answer = await request.app[DEVICESESSION].call("POST", "/internal/sessions", {
+    answer = await request.app[MINTER].mint({
         "account_id": str(account.id), "client_identifier": info.client_identifier,
         "kind": _kind(request, info.provides), "product": info.product or "", "version": info.version or "",
         "platform": info.platform or "", "platform_version": info.platform_version or "",

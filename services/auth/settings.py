@@ -22,6 +22,9 @@ class Settings(CommonSettings):
     # How far below normal priority the hashing threads run (nice increment, Linux): request handling
     # preempts hashing at once; hashing still gets every otherwise idle cycle. 0 disables.
     argon2_nice: int = Field(default=10, ge=0, le=19)
+    # Sign-in mints: while other sign-ins are still hashing, hold a finished sign-in's session mint
+    # up to this long so that mints close together go to devicesession as one call. 0 disables.
+    mint_batch_window_ms: float = Field(default=40.0, ge=0, le=200)
     reset_token_ttl: int = 3600
     # How long a password change with sign-out waits for devicesession to confirm the revocation
     # before answering (seconds); the answer carries X-Hearth-Sessions-Revoked when confirmed.

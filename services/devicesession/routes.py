@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import logging
 import time
 import uuid
 from datetime import UTC, datetime
@@ -20,6 +21,7 @@ from shared.holder import holder_secret
 from shared.internal import require_internal
 from shared.tokens import same
 
+log = logging.getLogger(__name__)
 TOPICS = web.AppKey("topics", service.Topics)
 TOUCHES = web.AppKey("touches", dict)
 MINT_POOL = web.AppKey("mint_pool", asyncpg.Pool)
@@ -58,17 +60,48 @@ def _touch(request: web.Request, info: store.SessionInfo) -> None:
 # --------------------------------------------------------------------------------- internal
 
 
+def _minted(minted: service.Minted) -> dict[str, object]:
+    return {"token": minted.token, "session_id": str(minted.session_id), "device_id": minted.device_id,
+            "device_uuid": str(minted.device_uuid), "issued_at": minted.issued_at.isoformat()}
+
+
 async def mint_session(request: web.Request) -> web.Response:
     _internal(request)
     account_id, fields, remember = service.parse_mint(await json_object(request))
     s = _settings(request)
     minted = await service.mint(request.app[MINT_POOL], s.hmac_key(), account_id, fields, remember=remember,
                                 short_ttl=s.short_session_ttl)
-    return web.json_response(
-        {"token": minted.token, "session_id": str(minted.session_id), "device_id": minted.device_id,
-         "device_uuid": str(minted.device_uuid), "issued_at": minted.issued_at.isoformat()},
-        status=201,
-    )
+    return web.json_response(_minted(minted), status=201)
+
+
+MAX_BATCH = 64
+
+
+async def mint_sessions(request: web.Request) -> web.Response:
+    """Several mints in one call: ``{"sessions": [<mint request>, ...]}`` (1 to 64). Each item is
+    validated alone: the answer's ``sessions`` holds, in order, the minted session or
+    ``{"error": {"status", "code", "detail", "field"}}`` for an item that was refused."""
+    _internal(request)
+    body = await json_object(request)
+    items = body.get("sessions")
+    if not isinstance(items, list) or not 1 <= len(items) <= MAX_BATCH:
+        raise InvalidMint(f"sessions must be a list of 1 to {MAX_BATCH} mint requests", field="sessions")
+    answers: list[dict[str, object]] = [{} for _ in items]
+    valid: list[tuple[int, tuple[uuid.UUID, dict[str, object], bool]]] = []
+    for n, item in enumerate(items):
+        try:
+            valid.append((n, service.parse_mint(item)))
+        except InvalidMint as exc:
+            answers[n] = {"error": {"status": exc.status, "code": exc.code, "detail": exc.detail, "field": exc.field}}
+    if valid:
+        s = _settings(request)
+        minted = await service.mint_many(request.app[MINT_POOL], s.hmac_key(), [parsed for _, parsed in valid],
+                                         short_ttl=s.short_session_ttl)
+        for (n, _), m in zip(valid, minted, strict=True):
+            answers[n] = _minted(m)
+    request_ids = [str(i.get("request_id"))[:64] for i in items if isinstance(i, dict) and i.get("request_id")]
+    log.info("minted a batch", extra={"items": len(items), "minted": len(valid), "request_ids": request_ids})
+    return web.json_response({"sessions": answers})
 
 
 async def revoke_sessions(request: web.Request) -> web.Response:
@@ -299,6 +332,7 @@ async def list_resources(request: web.Request) -> web.Response:
 def setup_routes(app: web.Application) -> None:
     r = app.router
     r.add_post("/internal/sessions", mint_session)
+    r.add_post("/internal/sessions/batch", mint_sessions)
     r.add_post("/internal/sessions/revoke", revoke_sessions)
     r.add_get("/internal/accounts/{account_id}/devices", list_account_devices)
     r.add_delete("/internal/accounts/{account_id}/devices/{device_id}", remove_account_device)

@@ -106,12 +106,37 @@ def parse_mint(body: Any) -> tuple[uuid.UUID, dict[str, Any], bool]:
 async def mint(conn: asyncpg.Connection | asyncpg.Pool, key: bytes, account_id: uuid.UUID, fields: dict[str, Any],
                *, remember: bool, short_ttl: int) -> Minted:
     """Create (or refresh) the device and a new session for it; only the token's HMAC is stored."""
-    token = tokens.new_token(tokens.SESSION_TOKEN_BYTES)
-    session_id = uuid.uuid4()
-    expires = None if remember else utcnow() + timedelta(seconds=short_ttl)
-    device, issued = await store.mint_session(conn, account_id, fields, session_id,
-                                              tokens.digest(key, token, purpose="session"), expires)
-    return Minted(token, session_id, device.id, device.uuid, issued)
+    return (await mint_many(conn, key, [(account_id, fields, remember)], short_ttl=short_ttl))[0]
+
+
+async def mint_many(conn: asyncpg.Connection | asyncpg.Pool, key: bytes,
+                    requests: list[tuple[uuid.UUID, dict[str, Any], bool]], *, short_ttl: int) -> list[Minted]:
+    """Mint a session for each parsed request (account id, device fields, remember), in order.
+
+    One statement per round; a round holds each device at most once (two sign-ins from the same
+    client identifier in one batch go in successive rounds), so a batch of distinct devices is one
+    round trip."""
+    rows = []
+    for account_id, fields, remember in requests:
+        expires = None if remember else utcnow() + timedelta(seconds=short_ttl)
+        token = tokens.new_token(tokens.SESSION_TOKEN_BYTES)
+        rows.append((token, store.MintRow(account_id, fields, uuid.uuid4(),
+                                          tokens.digest(key, token, purpose="session"), expires)))
+    minted: list[Minted | None] = [None] * len(rows)
+    todo = list(range(len(rows)))
+    while todo:
+        seen: set[tuple[uuid.UUID, str]] = set()
+        this_round: list[int] = []
+        later: list[int] = []
+        for n in todo:
+            device_key = (rows[n][1].account_id, rows[n][1].fields["client_identifier"])
+            (later if device_key in seen else this_round).append(n)
+            seen.add(device_key)
+        results = await store.mint_sessions(conn, [rows[n][1] for n in this_round])
+        for n, (device, issued) in zip(this_round, results, strict=True):
+            minted[n] = Minted(rows[n][0], rows[n][1].session_id, device.id, device.uuid, issued)
+        todo = later
+    return [m for m in minted if m is not None]
 
 
 async def find_session(pool: asyncpg.Pool | asyncpg.Connection, key: bytes, token: str | None

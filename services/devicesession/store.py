@@ -16,6 +16,7 @@ from typing import Any
 from uuid import UUID
 
 import asyncpg
+import orjson
 
 
 @dataclass(frozen=True)
@@ -73,16 +74,43 @@ def _device(row: asyncpg.Record) -> Device:
     return Device(**{k: row[k] for k in Device.__dataclass_fields__})
 
 
-async def mint_session(conn: asyncpg.Connection | asyncpg.Pool, account_id: UUID, fields: dict[str, Any],
-                       session_id: UUID, token_hmac: bytes, expires_at: datetime | None) -> tuple[Device, datetime]:
-    """Create the device of (account, client identifier) or refresh its descriptive fields, and add a
-    session for it: one statement, so one round trip and atomic without an explicit transaction."""
-    row = await conn.fetchrow(
+@dataclass(frozen=True)
+class MintRow:
+    """One session to mint: the device's fields and the new session's id, token HMAC and expiry."""
+
+    account_id: UUID
+    fields: dict[str, Any]
+    session_id: UUID
+    token_hmac: bytes
+    expires_at: datetime | None
+
+
+_MINT_TEXT = ("client_identifier", "kind", "product", "version", "platform", "platform_version", "device",
+              "device_name", "model", "vendor", "provides", "public_address")
+
+
+async def mint_sessions(conn: asyncpg.Connection | asyncpg.Pool, rows: list[MintRow]) -> list[tuple[Device, datetime]]:
+    """Create the device of each (account, client identifier) or refresh its descriptive fields, and
+    add a session for it: one statement for the whole list (one round trip, atomic without an explicit
+    transaction). The rows must name distinct devices: one INSERT ... ON CONFLICT cannot touch a row
+    twice. Returns (device, issued at) in the order of ``rows``."""
+    if not rows:
+        return []
+    text_columns = [[r.fields[name] for r in rows] for name in _MINT_TEXT]
+    records = await conn.fetch(
         """
-        WITH d AS (
+        WITH i AS (
+            SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                                 $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[],
+                                 $13::text[], $14::text[], $15::uuid[], $16::bytea[], $17::timestamptz[])
+                AS t(account_id, client_identifier, kind, product, version, platform, platform_version, device,
+                     device_name, model, vendor, provides, public_address, connections, session_id, token_hmac,
+                     expires_at)
+        ), d AS (
             INSERT INTO devices AS d (account_id, client_identifier, kind, product, version, platform,
                 platform_version, device, device_name, model, vendor, provides, public_address, connections)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+            SELECT account_id, client_identifier, kind, product, version, platform, platform_version, device,
+                   device_name, model, vendor, provides, public_address, connections::jsonb FROM i
             ON CONFLICT (account_id, client_identifier) DO UPDATE SET
                 kind = EXCLUDED.kind, product = EXCLUDED.product, version = EXCLUDED.version,
                 platform = EXCLUDED.platform, platform_version = EXCLUDED.platform_version,
@@ -96,30 +124,25 @@ async def mint_session(conn: asyncpg.Connection | asyncpg.Pool, account_id: UUID
             RETURNING """ + _DEVICE_COLS.replace("d.", "") + """
         ), s AS (
             INSERT INTO sessions (id, token_hmac, account_id, device_id, expires_at)
-            SELECT $15, $16, $1, d.id, $17 FROM d RETURNING created_at AS issued_at
+            SELECT i.session_id, i.token_hmac, i.account_id, d.id, i.expires_at
+            FROM i JOIN d ON d.account_id = i.account_id AND d.client_identifier = i.client_identifier
+            RETURNING id, device_id, created_at AS issued_at
         )
-        SELECT d.*, s.issued_at FROM d, s
+        SELECT d.*, s.id AS session_id, s.issued_at FROM s JOIN d ON d.id = s.device_id
         """,
-        account_id,
-        fields["client_identifier"],
-        fields["kind"],
-        fields["product"],
-        fields["version"],
-        fields["platform"],
-        fields["platform_version"],
-        fields["device"],
-        fields["device_name"],
-        fields["model"],
-        fields["vendor"],
-        fields["provides"],
-        fields["public_address"],
-        fields["connections"],
-        session_id,
-        token_hmac,
-        expires_at,
+        [r.account_id for r in rows],
+        *text_columns,
+        [orjson.dumps(r.fields["connections"]).decode() for r in rows],
+        [r.session_id for r in rows],
+        [r.token_hmac for r in rows],
+        [r.expires_at for r in rows],
     )
-    assert row is not None
-    return _device(row), row["issued_at"]
+    by_session = {rec["session_id"]: rec for rec in records}
+    out = []
+    for r in rows:
+        rec = by_session[r.session_id]
+        out.append((_device(rec), rec["issued_at"]))
+    return out
 
 
 async def find_active_session(conn: asyncpg.Connection | asyncpg.Pool, token_hmac: bytes) -> SessionInfo | None:

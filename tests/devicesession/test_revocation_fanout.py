@@ -93,6 +93,39 @@ async def test_mint_rejects_bad_input(stack: Stack) -> None:
             assert r.status == 400
 
 
+async def test_batch_mint_mints_each_item_alone_and_refuses_bad_ones_alone(stack: Stack) -> None:
+    acct, other = str(uuid.uuid4()), str(uuid.uuid4())
+    url = stack.url("devicesession") + "/internal/sessions/batch"
+    hdr = {"Authorization": f"Bearer {stack.env['INTERNAL_API_SECRET']}"}
+    items = [
+        {"account_id": acct, "client_identifier": "tv", "product": "Player A", "remember": True},
+        {"account_id": acct, "client_identifier": "tv", "product": "Player B", "remember": False},  # same device
+        {"account_id": acct, "client_identifier": "c", "kind": "toaster"},
+        {"account_id": other, "client_identifier": "tv"},
+        "not an object",
+    ]
+    async with aiohttp.ClientSession() as http:
+        async with http.post(url, json={"sessions": items}, headers=hdr) as r:
+            assert r.status == 200, await r.text()
+            answers = (await r.json())["sessions"]
+        for body in ({}, {"sessions": []}, {"sessions": "x"}, {"sessions": [{}] * 65}):
+            async with http.post(url, json=body, headers=hdr) as r:
+                assert r.status == 400 and (await r.json())["code"] == "invalid_request", body
+        async with http.post(url, json={"sessions": items[:1]}) as r:
+            assert r.status == 401
+    assert [("token" in a, (a.get("error") or {}).get("status")) for a in answers] == [
+        (True, None), (True, None), (False, 400), (True, None), (False, 400)]
+    assert answers[2]["error"]["field"] == "kind"
+    first, second, _, third, _ = answers
+    assert first["device_id"] == second["device_id"] != third["device_id"]
+    assert len({first["token"], second["token"], third["token"]}) == 3
+    for answer, account in ((first, acct), (second, acct), (third, other)):
+        info = await introspect(stack, str(answer["token"]))
+        assert info["active"] is True and info["account_id"] == account and info["session_id"] == answer["session_id"]
+    assert "exp" not in await introspect(stack, str(first["token"]))  # remember: no expiry
+    assert "exp" in await introspect(stack, str(second["token"]))
+
+
 async def test_password_change_with_sign_out_reaches_every_holder_within_two_seconds(stack: Stack) -> None:
     acct, other = str(uuid.uuid4()), str(uuid.uuid4())
     sessions = [await mint(stack, acct, f"dev-{i}") for i in range(4)]
