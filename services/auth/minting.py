@@ -80,6 +80,9 @@ class MintBatcher:
     async def _send(self, batch: list[tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]]) -> None:
         self.calls += 1
         BATCH_SIZE.observe(len(batch))
+        # This task may have been started from another request's context (a hash finishing); the call
+        # carries the first held sign-in's request id, and every item its own in the body.
+        logs.request_id.set(batch[0][0].get("request_id"))
         try:
             if len(batch) == 1:
                 body = {k: v for k, v in batch[0][0].items() if k != "request_id"}
