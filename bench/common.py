@@ -338,3 +338,19 @@ async def raw_closed_loop(base_url: str, requests: list[bytes], *, expect: int, 
     started = time.perf_counter()
     await asyncio.gather(*(worker(w) for w in range(concurrency)))
     return ok / (time.perf_counter() - started)
+
+
+async def histogram_totals(base_url: str, name: str) -> tuple[float, float]:
+    """(sum, count) of a Prometheus histogram on a service's /metrics (0, 0 before any observation)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with aiohttp.ClientSession() as http, http.get(base_url + "/metrics") as r:
+        text = await r.text()
+    totals = {"sum": 0.0, "count": 0.0}
+    for family in text_string_to_metric_families(text):
+        if family.name == name:
+            for sample in family.samples:
+                for part in totals:
+                    if sample.name == f"{name}_{part}":
+                        totals[part] += sample.value
+    return totals["sum"], totals["count"]

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import aiohttp
 from argon2 import PasswordHasher
 
-from bench.common import CpuMeter, RawHttp, Row, closed_loop, raw_closed_loop, summary_ms
+from bench.common import CpuMeter, RawHttp, Row, closed_loop, histogram_totals, raw_closed_loop, summary_ms
 from deploy.launcher import Stack
 from shared.passwords import HashParams
 
@@ -44,18 +44,6 @@ def raw_argon2_rate(seconds: float, threads: int = 2) -> float:
     with ThreadPoolExecutor(threads) as pool:
         count = sum(pool.map(lambda _: work(), range(threads)))
     return count / (time.perf_counter() - started)
-
-
-async def mint_batches(stack: Stack) -> tuple[float, float]:
-    """(sessions, devicesession calls) so far, from auth's hearth_auth_mint_batch_size histogram."""
-    async with aiohttp.ClientSession() as http, http.get(stack.url("auth") + "/metrics") as r:
-        text = await r.text()
-    values = {}
-    for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        if name in ("hearth_auth_mint_batch_size_sum", "hearth_auth_mint_batch_size_count"):
-            values[name] = float(value)
-    return values.get("hearth_auth_mint_batch_size_sum", 0.0), values.get("hearth_auth_mint_batch_size_count", 0.0)
 
 
 async def run(stack: Stack) -> list[Row]:
@@ -112,7 +100,7 @@ async def run(stack: Stack) -> list[Row]:
     # kind of process spends per sign-in. Rounds alternate sign-in and raw argon2, so slow drifts of
     # this shared VM hit both alike.
     meter = CpuMeter()
-    minted0, calls0 = await mint_batches(stack)
+    minted0, calls0 = await histogram_totals(stack.url("auth"), "hearth_auth_mint_batch_size")
     signed = raw_count = 0
     signin_s = raw_s = raw_cpu = 0.0
     ratios = []
@@ -132,7 +120,7 @@ async def run(stack: Stack) -> list[Row]:
         raw_s += elapsed
         ratios.append(rate / raw_rate)
     cpu = meter.seconds
-    minted1, calls1 = await mint_batches(stack)
+    minted1, calls1 = await histogram_totals(stack.url("auth"), "hearth_auth_mint_batch_size")
     rate, raw, count = signed / signin_s, raw_count / raw_s, signed
     # Then the probe while sign-in is saturated again.
     user_task = asyncio.create_task(probe(SECONDS / 2))

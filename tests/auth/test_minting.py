@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 import uuid
 
-import aiohttp
 import pytest
 
+from bench.common import histogram_totals
 from deploy.launcher import Stack
 from services.auth.minting import MintBatcher
 from shared.errors import HearthError
@@ -66,16 +65,9 @@ async def test_mints_held_while_others_hash_go_as_one_call_and_fail_alone(stack:
         await client.close()
 
 
-async def mint_metrics(stack: Stack) -> tuple[float, float]:
-    async with aiohttp.ClientSession() as http, http.get(stack.url("auth") + "/metrics") as r:
-        text = await r.text()
-    found = dict(re.findall(r"^hearth_auth_mint_batch_size_(sum|count) (\S+)$", text, re.M))
-    return float(found.get("sum", 0)), float(found.get("count", 0))
-
-
 async def test_concurrent_sign_ins_share_mint_calls_and_each_gets_its_own_session(stack: Stack) -> None:
     a = await sign_up(stack)
-    sum0, count0 = await mint_metrics(stack)
+    sum0, count0 = await histogram_totals(stack.url("auth"), "hearth_auth_mint_batch_size")
     results = await asyncio.gather(*(sign_in(stack, a["username"], PASSWORD, client=f"tv-{i % 6}")
                                      for i in range(12)))
     assert [status for status, _, _ in results] == [201] * 12
@@ -83,6 +75,6 @@ async def test_concurrent_sign_ins_share_mint_calls_and_each_gets_its_own_sessio
     assert len(set(tokens)) == 12
     for token in tokens:
         assert await user_status(stack, token) == 200
-    sum1, count1 = await mint_metrics(stack)
+    sum1, count1 = await histogram_totals(stack.url("auth"), "hearth_auth_mint_batch_size")
     assert sum1 - sum0 == 12
     assert count1 - count0 < 12  # some sign-ins shared a devicesession call
