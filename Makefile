@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test lint bench setup infra clean fetch
+.PHONY: run test lint bench setup setup-test infra clean fetch
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -15,6 +15,11 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 setup: $(STAMP)
+	@bash deploy/system-deps.sh run
+	@$(BIN)/python -m deploy.launcher fetch
+
+setup-test: $(STAMP)
+	@bash deploy/system-deps.sh test
 	@$(BIN)/python -m deploy.launcher fetch
 
 run: setup
@@ -23,7 +28,7 @@ run: setup
 infra: setup
 	$(BIN)/python -m deploy.launcher infra
 
-test: setup
+test: setup-test
 	$(BIN)/python -m pytest -q -rfEs $(PYTEST_ARGS)
 
 lint: $(STAMP)
