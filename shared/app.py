@@ -144,6 +144,7 @@ async def _handle_errors(
 ) -> web.StreamResponse:
     html = request.app.get(HTML_ERRORS)
     try:
+        check_request(request)
         return await handler(request)
     except HearthError as exc:
         error = exc
@@ -161,6 +162,32 @@ async def _handle_errors(
     if html is not None and error_family(request) == "problem":
         return await html(request, error)  # type: ignore[no-any-return, operator]
     return render_error(request, error)
+
+
+_IDENTITY = ("", "identity")
+
+
+def check_request(request: web.Request) -> None:
+    """What no route accepts, refused in the route's error shape before the handler runs:
+
+    - a body with a ``Content-Encoding`` (bodies are never decompressed here, so a gzip or deflate
+      body that is not one cannot break the connection: 415, and the raw bytes are drained);
+    - a body whose declared charset is unknown;
+    - a NUL or other control character in the path, in the query string or in an ``X-Plex-*`` header.
+    """
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if encoding not in _IDENTITY:
+        raise HearthError("request bodies must not be compressed (Content-Encoding)", status=415,
+                          code="unsupported_media_type", plex_code=1415)
+    if request.body_exists:
+        plex.check_charset(request)
+    plex.check_text("path", request.path)
+    for key, value in request.query.items():
+        plex.check_text(key, key)
+        plex.check_text(key, value)
+    for key, value in request.headers.items():
+        if key.lower().startswith("x-plex-"):
+            plex.check_text(key, value)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -186,7 +213,9 @@ async def metrics(request: web.Request) -> web.Response:
 
 def base_app(settings: CommonSettings) -> web.Application:
     """An application with the shared middlewares and operational routes, and no resources yet."""
-    app = web.Application(middlewares=[request_context], client_max_size=settings.client_max_size)
+    # auto_decompress off: a body is read as sent, never inflated (see check_request).
+    app = web.Application(middlewares=[request_context], client_max_size=settings.client_max_size,
+                          handler_args={"auto_decompress": False})
     app[SETTINGS] = settings
     app[READY_CHECKS] = []
     app[CONSUMERS] = []
@@ -196,21 +225,53 @@ def base_app(settings: CommonSettings) -> web.Application:
     return app
 
 
-def client_address(request: web.Request) -> str:
-    """The caller's address; X-Forwarded-For is trusted only from the loopback edge."""
-    remote = request.remote or ""
-    forwarded = request.headers.get("X-Forwarded-For", "")
+def _trusted_networks(request: web.Request) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    settings = request.app.get(SETTINGS)
+    if settings is None:
+        return _LOOPBACK
+    return settings.trusted_networks()
+
+
+_LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
+def _is_trusted(address: str, networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
     try:
-        trusted = ipaddress.ip_address(remote).is_loopback
+        ip = ipaddress.ip_address(address)
     except ValueError:
-        trusted = False
-    if trusted and forwarded:
-        candidate = forwarded.split(",")[-1].strip()
+        return False
+    return any(ip in n for n in networks)
+
+
+def client_address(request: web.Request) -> str:
+    """The caller's address. ``X-Forwarded-For`` hops are believed only as far as each one was
+    added by a trusted proxy (TRUSTED_PROXIES): walking from the nearest hop back, the first
+    address that is not a trusted proxy is the client, so a client cannot choose its own address."""
+    remote = request.remote or ""
+    networks = _trusted_networks(request)
+    if not _is_trusted(remote, networks):
+        return remote or "unknown"
+    address = remote
+    hops = [h.strip() for h in ",".join(request.headers.getall("X-Forwarded-For", [])).split(",") if h.strip()]
+    for hop in reversed(hops):
         try:
-            return str(ipaddress.ip_address(candidate))
+            hop_ip = str(ipaddress.ip_address(hop))
         except ValueError:
-            pass
-    return remote or "unknown"
+            break  # garbage: believe nothing further back
+        address = hop_ip
+        if not _is_trusted(hop_ip, networks):
+            break
+    return address
+
+
+def is_https(request: web.Request) -> bool:
+    """Reached over HTTPS: directly, or through a trusted TLS-terminating proxy's X-Forwarded-Proto."""
+    if request.secure:
+        return True
+    if not _is_trusted(request.remote or "", _trusted_networks(request)):
+        return False
+    proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
+    return proto == "https"
 
 
 def add_ready_check(app: web.Application, name: str, check: ReadyCheck) -> None:

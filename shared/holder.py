@@ -197,6 +197,13 @@ class HolderKit:
         finally:
             self._inflight.pop(key, None)
 
+    async def introspect(self, token: str) -> Principal | None:
+        """Ask devicesession now, bypassing the cache: for a credential derived from a session
+        (a claim token) whose use must not race the revocation's arrival here."""
+        if not token or len(token) > 512:
+            return None
+        return await self._introspect(token)
+
     async def _lookup(self, key: bytes, token: str) -> Principal | None:
         for _ in range(3):
             seq = self._seq

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import codecs
+import re
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,6 +36,10 @@ PLEX_HEADERS = (
     "X-Plex-Token",
 )
 MAX_FIELD = 512
+# A NUL never reaches PostgreSQL (text cannot hold it) nor anything else: refused in every field.
+_NUL = re.compile(r"[\x00\ud800-\udfff]")
+# Single-line values (headers, identifiers, logins, codes) hold no control character at all.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
 _FORM: web.RequestKey[MultiDictProxy[str]] = web.RequestKey("hearth_form", MultiDictProxy)
 
 
@@ -63,8 +69,42 @@ async def json_object(request: web.Request) -> dict[str, Any]:
     return body
 
 
+def check_text(name: str, value: str, *, single_line: bool = True) -> str:
+    """``value`` unless it holds a NUL (or, for single-line values, any control character): 400."""
+    if (_CONTROL if single_line else _NUL).search(value):
+        raise ValidationFailed(f"{name[:40]} contains a control character", field=name[:40])
+    return value
+
+
+def check_charset(request: web.Request) -> None:
+    """The body's declared charset must be a text encoding Python knows (else 400, before parsing)."""
+    charset = request.charset
+    if charset is None:
+        return
+    try:
+        known = codecs.lookup(charset)._is_text_encoding  # type: ignore[attr-defined]
+    except LookupError:
+        known = False
+    if not known:
+        raise ValidationFailed("the body's charset is not supported", field="charset")
+
+
+async def _post(request: web.Request) -> MultiDict[str]:
+    check_charset(request)
+    try:
+        raw = await request.post()
+    except web.HTTPException:
+        raise
+    except (ValueError, LookupError, RuntimeError, AssertionError, KeyError, TypeError):
+        # aiohttp raises these for a malformed multipart body, an unknown part charset or
+        # Content-Transfer-Encoding: the client's fault.
+        raise ValidationFailed("the form body could not be parsed") from None
+    return MultiDict((k, v) for k, v in raw.items() if isinstance(v, str))
+
+
 async def form(request: web.Request) -> MultiDictProxy[str]:
-    """The request's form fields (urlencoded or multipart), or an empty mapping; cached."""
+    """The request's form fields (urlencoded or multipart), or an empty mapping; cached. Any value
+    holding a NUL is refused (400) before a handler sees it."""
     cached = request.get(_FORM)
     if cached is not None:
         return cached  # type: ignore[no-any-return]
@@ -73,10 +113,7 @@ async def form(request: web.Request) -> MultiDictProxy[str]:
         "application/x-www-form-urlencoded",
         "multipart/form-data",
     ):
-        raw = await request.post()
-        data = MultiDictProxy(
-            MultiDict((k, v) for k, v in raw.items() if isinstance(v, str))
-        )
+        data = MultiDictProxy(await _post(request))
     elif request.body_exists and request.content_type == "application/json":
         obj = await json_object(request)
         data = MultiDictProxy(MultiDict((str(k), _scalar(v)) for k, v in obj.items() if v is not None))
@@ -85,6 +122,9 @@ async def form(request: web.Request) -> MultiDictProxy[str]:
             raise HearthError("send form fields (application/x-www-form-urlencoded, multipart/form-data) or JSON",
                               status=415, code="unsupported_media_type", plex_code=1415)
         data = MultiDictProxy(MultiDict())
+    for k, v in data.items():
+        check_text(k, k)
+        check_text(k, v, single_line=False)
     request[_FORM] = data
     return data
 
@@ -107,6 +147,7 @@ async def param(request: web.Request, name: str) -> str | None:
     value = value.strip()
     if len(value) > MAX_FIELD:
         raise ValidationFailed(f"{name} is too long", field=name)
+    check_text(name, value)
     return value or None
 
 
@@ -119,6 +160,7 @@ async def field(request: web.Request, name: str, *, max_len: int = MAX_FIELD) ->
         return None
     if len(value) > max_len:
         raise ValidationFailed(f"{name} is too long", field=name)
+    check_text(name, value)
     return value
 
 

@@ -8,6 +8,8 @@ list of what is missing or malformed instead of a traceback.
 from __future__ import annotations
 
 import base64
+import functools
+import ipaddress
 import sys
 from typing import Any, TypeVar
 
@@ -58,6 +60,21 @@ class CommonSettings(BaseSettings):
     auth_url: str = "http://127.0.0.1:8101"
     linkcode_url: str = "http://127.0.0.1:8103"
     outbox_poll_interval: float = 1.0
+    # Proxies whose X-Forwarded-For / X-Forwarded-Proto are believed (comma-separated CIDRs): the
+    # edge and the services calling each other. Default: loopback only.
+    trusted_proxies: str = "127.0.0.0/8,::1/128"
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_proxies(cls, v: str) -> str:
+        for part in v.split(","):
+            if part.strip():
+                ipaddress.ip_network(part.strip(), strict=False)
+        return v
+
+    def trusted_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return parse_networks(self.trusted_proxies)
+
 
     @field_validator("token_hmac_key")
     @classmethod
@@ -100,3 +117,8 @@ def load(cls: type[S], **overrides: Any) -> S:
             lines.append(f"  {name}: {err['msg']}")
         sys.stderr.write(f"{cls.__name__}: invalid configuration\n" + "\n".join(lines) + "\n")
         raise SystemExit(2) from None
+
+
+@functools.lru_cache(maxsize=8)
+def parse_networks(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(p.strip(), strict=False) for p in value.split(",") if p.strip())

@@ -55,3 +55,59 @@ async def clear(conn: asyncpg.Connection | asyncpg.Pool, scope: str) -> None:
 async def purge(conn: asyncpg.Connection | asyncpg.Pool) -> None:
     await conn.execute("DELETE FROM throttles WHERE window_start < now() - interval '1 day'"
                        " AND (blocked_until IS NULL OR blocked_until < now())")
+
+
+async def reserve(conn: asyncpg.Connection | asyncpg.Pool, scopes: list[tuple[str, int]], *, window: int,
+                  max_block: int, growing: bool = True) -> float:
+    """Reserve one attempt in every ``(scope, free)`` before doing the expensive work (hashing).
+
+    One statement counts the attempt in each scope that is not blocked, and a scope whose count
+    passes its ``free`` allowance is blocked at once for 2^(hits-free) seconds (capped), so
+    concurrent attempts are held to the budget: the ones arriving while a block stands are not
+    counted and get the wait. Returns 0 when the attempt may go on, else the seconds to wait (and
+    the counts this call added are taken back). Without ``growing``, a scope past its allowance
+    stays blocked until its window ends."""
+    names = [s for s, _ in scopes]
+    frees = [f for _, f in scopes]
+    rows = await conn.fetch(
+        """
+        INSERT INTO throttles AS t (scope, hits, window_start, blocked_until)
+        SELECT u.scope, 1, now(), CASE WHEN u.free < 1 THEN now() + make_interval(secs => 1) END
+        FROM unnest($1::text[], $2::int[]) AS u(scope, free)
+        ON CONFLICT (scope) DO UPDATE SET
+            hits = CASE WHEN t.window_start < now() - make_interval(secs => $3) THEN 1 ELSE t.hits + 1 END,
+            window_start = CASE WHEN t.window_start < now() - make_interval(secs => $3) THEN now()
+                                ELSE t.window_start END,
+            blocked_until = CASE
+                WHEN t.window_start < now() - make_interval(secs => $3) THEN NULL
+                WHEN t.hits + 1 > (SELECT v.free FROM unnest($1::text[], $2::int[]) AS v(scope, free)
+                                   WHERE v.scope = t.scope LIMIT 1)
+                THEN CASE WHEN $5 THEN now() + make_interval(secs => least($4, power(2, least(t.hits + 1 - (
+                    SELECT v.free FROM unnest($1::text[], $2::int[]) AS v(scope, free)
+                    WHERE v.scope = t.scope LIMIT 1), 20))))
+                    ELSE t.window_start + make_interval(secs => $3) END
+                ELSE t.blocked_until END
+        WHERE t.blocked_until IS NULL OR t.blocked_until <= now()
+        RETURNING t.scope
+        """,
+        names, frees, float(window), float(max_block), growing,
+    )
+    counted = {r["scope"] for r in rows}
+    if len(counted) == len(names):
+        return 0.0
+    if counted:
+        await release(conn, [(s, f) for s, f in scopes if s in counted])
+    return max(await blocked_for(conn, names), 1.0)
+
+
+async def release(conn: asyncpg.Connection | asyncpg.Pool, scopes: list[tuple[str, int]]) -> None:
+    """Take back one reserved attempt in each ``(scope, free)`` (an attempt that was not a failure);
+    a block that this attempt's count set is lifted with it."""
+    await conn.execute(
+        """
+        UPDATE throttles t SET hits = greatest(t.hits - 1, 0),
+            blocked_until = CASE WHEN t.hits - 1 <= u.free THEN NULL ELSE t.blocked_until END
+        FROM unnest($1::text[], $2::int[]) AS u(scope, free) WHERE t.scope = u.scope
+        """,
+        [s for s, _ in scopes], [f for _, f in scopes],
+    )

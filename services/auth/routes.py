@@ -121,12 +121,16 @@ def _user(request: web.Request, account: store.Account, token: str | None, statu
 
 async def create_user(request: web.Request) -> web.Response:
     f = await plex.form(request)
-    account = await request.app[AUTH].sign_up(f.get("email") or f.get("user[email]"),
-                                              f.get("username") or f.get("user[username]"),
-                                              f.get("password") or f.get("user[password]"))
-    token = None
-    if await plex.param(request, "X-Plex-Client-Identifier"):
-        token = await _mint(request, account, remember=True)
+    await plex.client_info(request)  # the device fields are checked before anything is written
+    with_session = bool(await plex.param(request, "X-Plex-Client-Identifier"))
+
+    async def first_session(account: store.Account) -> str:
+        return await _mint(request, account, remember=True)
+
+    account, token = await request.app[AUTH].sign_up(
+        f.get("email") or f.get("user[email]"), f.get("username") or f.get("user[username]"),
+        f.get("password") or f.get("user[password]"), client_address(request),
+        then=first_session if with_session else None)
     return _user(request, account, token, status=201)
 
 
@@ -134,7 +138,7 @@ async def sign_in(request: web.Request) -> web.Response:
     f = await plex.form(request)
     login = f.get("login") or f.get("user[login]") or f.get("email") or f.get("username")
     password = f.get("password") or f.get("user[password]")
-    if not await plex.param(request, "X-Plex-Client-Identifier"):
+    if not (await plex.client_info(request)).client_identifier:  # every device field checked before hashing
         raise MissingClientIdentifier()
     remember = plex.parse_bool(f.get("rememberMe"), default=True)
     account = await request.app[AUTH].authenticate(login, password, client_address(request))

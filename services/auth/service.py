@@ -15,9 +15,11 @@ from __future__ import annotations
 import re
 import unicodedata
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import lru_cache
+from typing import TypeVar
 
 import asyncpg
 
@@ -47,6 +49,7 @@ from shared.events import (
 from shared.passwords import Passwords
 
 PRODUCER = "auth"
+T = TypeVar("T")
 MIN_PASSWORD = 8
 MAX_PASSWORD = 1024
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?"
@@ -127,13 +130,25 @@ class Auth:
 
     # ------------------------------------------------------------------ accounts
 
-    async def sign_up(self, email: str | None, username: str | None, password: str | None) -> store.Account:
+    async def sign_up(self, email: str | None, username: str | None, password: str | None, address: str,
+                      then: Callable[[store.Account], Awaitable[T]] | None = None) -> tuple[store.Account, T | None]:
+        """Create an account. ``then`` (the first session's mint) runs inside the account's
+        transaction: if it fails, the account is not created, so a retry succeeds."""
         email = check_email(email)
         username = check_username(username)
         check_password(password, email=email, username=username)
         assert password is not None
+        s = self.s
+        scope = f"signup:addr:{address}"
+        wait = await throttle.blocked_for(self.pool, [scope])
+        if wait > 0:
+            raise SignInThrottled(f"Too many sign-ups; try again in {int(wait) + 1} seconds",
+                                  retry_after=int(wait) + 1, code="too_many_signups")
+        await throttle.hit(self.pool, scope, free=s.signups_per_address, window=s.signup_window,
+                           max_block=s.signup_window, growing=False)
         password_hash = await self.passwords.hash(password)
         account_id = uuid.uuid4()
+        result: T | None = None
         async with self.pool.acquire() as conn:
             try:
                 async with conn.transaction():
@@ -142,51 +157,51 @@ class Auth:
                     await outbox.add(conn, self.topics.auth_events, envelope(
                         AccountCreated(account_id=str(account_id), email=email, username=username),
                         producer=PRODUCER, key=str(account_id)))
+                    if then is not None:
+                        result = await then(account)
             except asyncpg.UniqueViolationError as exc:
                 if "email" in (exc.constraint_name or ""):
                     raise EmailTaken(field="email") from None
                 raise UsernameTaken(field="username") from None
-        return account
+        return account, result
 
     # ------------------------------------------------------------------ sign-in
 
-    def _scopes(self, login_norm: str, address: str) -> tuple[str, str]:
-        return f"signin:login:{login_norm}", f"signin:addr:{address}"
+    def _signin_scopes(self, account: store.Account | None, login_norm: str, address: str) -> list[tuple[str, int]]:
+        """The account's budget (whichever login names it; the login string when no account has
+        it, so both behave alike) and the address's budget."""
+        s = self.s
+        first = f"signin:account:{account.id}" if account is not None else f"signin:login:{login_norm}"
+        return [(first, s.signin_free_failures_per_login),
+                (f"signin:addr:{address}", s.signin_free_failures_per_address)]
 
-    async def check_throttle(self, scopes: list[str]) -> None:
-        wait = await throttle.blocked_for(self.pool, scopes)
+    async def _reserve(self, scopes: list[tuple[str, int]]) -> None:
+        """Count this attempt before hashing (atomically, in SQL): parallel guesses are held to the budget."""
+        wait = await throttle.reserve(self.pool, scopes, window=self.s.signin_window, max_block=self.s.signin_max_block)
         if wait > 0:
             raise SignInThrottled(f"Too many failed attempts; try again in {int(wait) + 1} seconds",
                                   retry_after=int(wait) + 1)
 
-    async def _failure(self, login_scope: str, addr_scope: str) -> None:
-        s = self.s
-        await throttle.hit(self.pool, login_scope, free=s.signin_free_failures_per_login,
-                                 window=s.signin_window, max_block=s.signin_max_block)
-        await throttle.hit(self.pool, addr_scope, free=s.signin_free_failures_per_address,
-                                 window=s.signin_window, max_block=s.signin_max_block)
+    async def _succeeded(self, scopes: list[tuple[str, int]]) -> None:
+        """A right password: the account's failures are forgiven, the address's reserved attempt taken back."""
+        await throttle.clear(self.pool, scopes[0][0])
+        await throttle.release(self.pool, scopes[1:])
 
     async def authenticate(self, login: str | None, password: str | None, address: str) -> store.Account:
         """Check credentials with throttling; raises BadCredentials, SignInThrottled, ResetRequired."""
         if not login or not password or len(login) > 254 or len(password) > MAX_PASSWORD:
             raise BadCredentials()
         login_norm = normalise_login(login)
-        login_scope, addr_scope = self._scopes(login_norm, address)
-        wait, failures_recorded, account = await store.find_for_signin(self.pool, login_norm,
-                                                                        [login_scope, addr_scope])
-        if wait > 0:
-            raise SignInThrottled(f"Too many failed attempts; try again in {int(wait) + 1} seconds",
-                                  retry_after=int(wait) + 1)
+        account = await store.find_by_login(self.pool, login_norm)
+        scopes = self._signin_scopes(account, login_norm, address)
+        await self._reserve(scopes)
         if account is None:
             await self.passwords.verify_dummy(password)
-            await self._failure(login_scope, addr_scope)
             raise BadCredentials()
         result = await self.passwords.verify(account.password_hash, password)
         if not result.ok:
-            await self._failure(login_scope, addr_scope)
             raise BadCredentials()
-        if failures_recorded:
-            await throttle.clear(self.pool, login_scope)
+        await self._succeeded(scopes)
         if account.reset_required_at is not None:
             raise ResetRequired()
         if result.needs_rehash:
@@ -216,6 +231,12 @@ class Auth:
         """Create a reset token and its sealed event, if the account exists (runs after the answer)."""
         account = await store.find_by_login(self.pool, normalise_email(email))
         if account is None:
+            return
+        # The account's own budget, whichever login form and address asked: the mailbox is not flooded.
+        # It is counted after the answer, so the answer says nothing about it.
+        hits = await throttle.hit(self.pool, f"reset:account:{account.id}", free=self.s.reset_emails_per_account,
+                                  window=self.s.reset_window, max_block=self.s.reset_window, growing=False)
+        if hits > self.s.reset_emails_per_account:
             return
         async with self.pool.acquire() as conn, conn.transaction():
             await self._issue_reset(conn, account)
@@ -258,13 +279,13 @@ class Auth:
         account = await store.find_by_id(self.pool, account_id)
         if account is None:
             raise BadCredentials()
-        login_scope, addr_scope = self._scopes(account.username.lower(), address)
-        await self.check_throttle([login_scope, addr_scope])
         if not current or len(current) > MAX_PASSWORD:
             raise BadCredentials("the current password is wrong", field="currentPassword")
+        scopes = self._signin_scopes(account, account.username.lower(), address)
+        await self._reserve(scopes)
         if not (await self.passwords.verify(account.password_hash, current)).ok:
-            await self._failure(login_scope, addr_scope)
             raise BadCredentials("the current password is wrong", field="currentPassword")
+        await self._succeeded(scopes)
         check_password(password, email=account.email, username=account.username)
         assert password is not None
         new_hash = await self.passwords.hash(password)
@@ -274,6 +295,8 @@ class Auth:
     async def _change(self, conn: asyncpg.Connection, account: store.Account, new_hash: str, *, cause: str,
                       revoke: bool, keep: str | None) -> str:
         changed_at: datetime = await store.set_password(conn, account.id, new_hash)
+        # A reset link asked for before the change is a credential of the old password: void it.
+        await store.invalidate_reset_tokens(conn, account.id)
         env = envelope(
             PasswordChanged(account_id=str(account.id), email=account.email, username=account.username, cause=cause,
                             revoke_sessions=revoke, keep_session_id=keep, changed_at=iso(changed_at)),

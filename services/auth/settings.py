@@ -38,3 +38,8 @@ class Settings(CommonSettings):
     reset_requests_per_address: int = 10
     reset_requests_per_email: int = 3
     reset_window: int = 3600
+    # Reset emails sent per account per RESET_WINDOW, whichever login form or address asked.
+    reset_emails_per_account: int = 3
+    # Sign-ups per client address per window (each new account is a new code-guessing budget).
+    signups_per_address: int = 20
+    signup_window: int = 3600

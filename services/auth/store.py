@@ -139,5 +139,10 @@ async def consume_reset_token(conn: asyncpg.Connection, token_hmac: bytes) -> UU
     return account_id
 
 
+async def invalidate_reset_tokens(conn: asyncpg.Connection, account_id: UUID) -> None:
+    await conn.execute("UPDATE reset_tokens SET invalidated_at = now() WHERE account_id = $1 AND used_at IS NULL"
+                       " AND invalidated_at IS NULL", account_id)
+
+
 async def purge_expired(conn: asyncpg.Connection | asyncpg.Pool) -> None:
     await conn.execute("DELETE FROM reset_tokens WHERE expires_at < now() - interval '7 days'")

@@ -77,7 +77,7 @@ async def get_pin(request: web.Request) -> web.Response:
 async def link_pin(request: web.Request) -> web.Response:
     principal = await _principal(request)
     code = await plex.field(request, "code", max_len=64)
-    await request.app[LINKCODES].approve(code, principal)
+    await request.app[LINKCODES].approve(code, principal, client_address(request))
     return web.Response(status=204)
 
 
@@ -116,7 +116,9 @@ async def metadata(request: web.Request) -> web.Response:
 
 async def claim_token(request: web.Request) -> web.Response:
     principal = await _principal(request)
-    value = await request.app[LINKCODES].claim_token(principal.account_id)
+    session_token = await plex.param(request, "X-Plex-Token")
+    assert session_token is not None
+    value = await request.app[LINKCODES].claim_token(principal, session_token)
     return plex.respond(request, xml=plex.element("MediaContainer", {"token": value}), json={"token": value})
 
 
@@ -149,7 +151,8 @@ def _account_param(value: object) -> str:
 async def describe_code(request: web.Request) -> web.Response:
     require_internal(request, _settings(request).internal_api_secret.get_secret_value())
     info = await request.app[LINKCODES].describe(request.match_info["code"][:64],
-                                                 _account_param(request.query.get("account_id")))
+                                                 _account_param(request.query.get("account_id")),
+                                                 client_address(request))
     return web.json_response({"kind": info.kind, "product": info.product, "device_name": info.device_name,
                               "platform": info.platform, "client": info.client,
                               "expires_at": info.expires_at.isoformat()})
@@ -162,7 +165,7 @@ async def approve_code(request: web.Request) -> web.Response:
     principal = Principal(account_id=account_id, session_id=str(body.get("session_id") or ""), device_id=0,
                           client_id="web", kind="browser", issued_at=0.0)
     kind = await request.app[LINKCODES].approve(request.match_info["code"][:64], principal,
-                                                deny=bool(body.get("deny")))
+                                                client_address(request), deny=bool(body.get("deny")))
     return web.json_response({"kind": kind, "approved": not body.get("deny")})
 
 

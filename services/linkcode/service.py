@@ -10,6 +10,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import re
 import uuid
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from services.linkcode.errors import (
 from services.linkcode.settings import Settings
 from shared import outbox, throttle, tokens
 from shared.crypto import Sealer, SealError
-from shared.errors import ValidationFailed
+from shared.errors import Unavailable, ValidationFailed
 from shared.events import (
     DeviceCodeApproved,
     PinLinked,
@@ -178,16 +179,23 @@ class LinkCodes:
 
     # ------------------------------------------------------------------ entering a code (link page, PUT link)
 
-    async def _budget(self, account_id: str) -> None:
-        wait = await throttle.blocked_for(self.pool, [f"link:account:{account_id}"])
+    def _code_scopes(self, account_id: str, address: str) -> list[tuple[str, int]]:
+        s = self.s
+        return [(f"link:account:{account_id}", s.code_attempts), (f"link:addr:{address}", s.code_attempts_per_address)]
+
+    async def _budget(self, account_id: str, address: str) -> list[tuple[str, int]]:
+        """Reserve one code entry from the account's and the address's budgets before looking the
+        code up (atomic, so parallel guesses are held to the budget); a right code gives it back."""
+        scopes = self._code_scopes(account_id, address)
+        wait = await throttle.reserve(self.pool, scopes, window=self.s.code_attempt_window,
+                                      max_block=self.s.code_attempt_window, growing=False)
         if wait > 0:
             raise CodeBudgetExhausted(f"Too many wrong codes; try again in {int(wait) + 1} seconds",
                                       retry_after=int(wait) + 1)
+        return scopes
 
-    async def _wrong(self, account_id: str) -> None:
-        s = self.s
-        await throttle.hit(self.pool, f"link:account:{account_id}", free=s.code_attempts,
-                           window=s.code_attempt_window, max_block=s.code_attempt_window, growing=False)
+    async def _right(self, scopes: list[tuple[str, int]]) -> None:
+        await throttle.release(self.pool, scopes)
 
     async def _find(self, code: str) -> tuple[str, Any] | None:
         if len(code) == 8 and all(c in USER_CODE_ALPHABET for c in code):
@@ -198,13 +206,13 @@ class LinkCodes:
             return ("pin", pin) if pin else None
         return None
 
-    async def describe(self, raw: str | None, account_id: str) -> CodeInfo:
-        """What would be linked (for the link page), counting a wrong entry against the budget."""
-        await self._budget(account_id)
+    async def describe(self, raw: str | None, account_id: str, address: str) -> CodeInfo:
+        """What would be linked (for the link page), counting a wrong entry against the budgets."""
+        scopes = await self._budget(account_id, address)
         found = await self._find(normalise_code(raw))
         if found is None:
-            await self._wrong(account_id)
             raise CodeNotFound()
+        await self._right(scopes)
         kind, obj = found
         if kind == "pin":
             d = obj.device
@@ -212,15 +220,15 @@ class LinkCodes:
                             d.get("platform", ""), obj.client_identifier, obj.expires_at)
         return CodeInfo("device_code", obj["client_id"], obj["client_id"], "", obj["client_id"], obj["expires_at"])
 
-    async def approve(self, raw: str | None, principal: Principal, *, deny: bool = False) -> str:
+    async def approve(self, raw: str | None, principal: Principal, address: str, *, deny: bool = False) -> str:
         """Link a PIN or approve (or deny) a device code for the signed-in account."""
         account_id = principal.account_id
-        await self._budget(account_id)
+        scopes = await self._budget(account_id, address)
         code = normalise_code(raw)
         found = await self._find(code)
         if found is None:
-            await self._wrong(account_id)
             raise CodeNotFound()
+        await self._right(scopes)
         kind, obj = found
         acct = uuid.UUID(account_id)
         if kind == "device_code":
@@ -323,36 +331,63 @@ class LinkCodes:
 
     # ------------------------------------------------------------------ server claim
 
-    async def claim_token(self, account_id: str) -> str:
+    async def claim_token(self, principal: Principal, session_token: str) -> str:
+        """A claim token of the signed-in session: it records the session (its token sealed until the
+        exchange), so revoking the session voids the claim."""
         token = "claim-" + tokens.new_token(18)
-        await store.insert_claim(self.pool, self._hmac(token, "claim"), uuid.UUID(account_id), self.s.claim_ttl)
+        token_hmac = self._hmac(token, "claim")
+        sealed = self.sealer.seal(session_token, context=f"claim:{token_hmac.hex()}")
+        await store.insert_claim(self.pool, token_hmac, uuid.UUID(principal.account_id),
+                                 uuid.UUID(principal.session_id), sealed, self.s.claim_ttl)
         return token
 
     async def exchange_claim(self, token: str | None, info: ClientInfo, address: str) -> tuple[dict[str, Any], str]:
+        """Redeem a claim token for a server session. All or nothing: the token is used up only in
+        the transaction that also has the session minted and the account read; if either call
+        fails, the token stays usable (and a session minted meanwhile is revoked)."""
         if not info.client_identifier or not _CLIENT.match(info.client_identifier):
             from shared.errors import MissingClientIdentifier
 
             raise MissingClientIdentifier()
         if not token or not token.startswith("claim-") or len(token) > 100:
             raise InvalidClaim()
-        async with self.pool.acquire() as conn:
-            account_id = await store.consume_claim(conn, self._hmac(token, "claim"))
-        if account_id is None:
-            raise InvalidClaim()
+        token_hmac = self._hmac(token, "claim")
         device = {k: v or "" for k, v in info.as_dict().items()}
         device["provides"] = device.get("provides") or "server"
         if "server" not in device["provides"]:
             device["provides"] = "server," + device["provides"]
-        minted = await self._mint(account_id, {**device, "public_address": address})
-        account = await self.auth.call("GET", f"/internal/accounts/{account_id}")
         async with self.pool.acquire() as conn, conn.transaction():
-            await outbox.add(conn, self.topic, envelope(
-                ServerClaimed(account_id=str(account_id), device_id=str(minted["device_id"]),
-                              client_identifier=info.client_identifier,
-                              name=info.device_name or info.device or info.product or "server",
-                              platform=info.platform or "", claimed_at=iso(utcnow())),
-                producer=PRODUCER, key=str(account_id)))
+            row = await store.lock_claim(conn, token_hmac)
+            if row is None or row["sealed_session"] is None:
+                raise InvalidClaim()
+            # The session that asked for the claim must still be live, asked of devicesession itself
+            # (not a cache that a just-committed revocation may not have reached yet).
+            session_token = self._open(row["sealed_session"], f"claim:{token_hmac.hex()}")
+            if session_token is None or await self._introspect(session_token) is None:
+                raise InvalidClaim()
+            account_id: uuid.UUID = row["account_id"]
+            minted = await self._mint(account_id, {**device, "public_address": address})
+            try:
+                account = await self.auth.call("GET", f"/internal/accounts/{account_id}")
+                await store.use_claim(conn, token_hmac)
+                await outbox.add(conn, self.topic, envelope(
+                    ServerClaimed(account_id=str(account_id), device_id=str(minted["device_id"]),
+                                  client_identifier=info.client_identifier,
+                                  name=info.device_name or info.device or info.product or "server",
+                                  platform=info.platform or "", claimed_at=iso(utcnow())),
+                    producer=PRODUCER, key=str(account_id)))
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await self._revoke(minted)
+                raise
         return account, str(minted["token"])
+
+    async def _introspect(self, token: str) -> Principal | None:
+        assert self.kit is not None
+        try:
+            return await self.kit.introspect(token)
+        except Exception as exc:
+            raise Unavailable("devicesession could not be asked") from exc
 
     # ------------------------------------------------------------------ revocations (holder role)
 

@@ -19,6 +19,8 @@ class Settings(CommonSettings):
     # Wrong code entries allowed per account per window (RFC 8628 section 5.1), then refused.
     code_attempts: int = 5
     code_attempt_window: int = 900
+    # Wrong code entries allowed per client address per window: more accounts buy no more guesses.
+    code_attempts_per_address: int = 20
     # PIN / device code creation limits per address and per client, per window.
     create_per_address: int = 60
     create_per_client: int = 20

@@ -183,26 +183,39 @@ async def erase_revoked(conn: asyncpg.Connection, session_ids: list[UUID], accou
         " AND (session_id = ANY($1::uuid[]) OR (account_id = ANY($2::uuid[]) AND approved_at <= $3))",
         session_ids, account_ids, cutoff,
     )
-    return int(a.split()[-1]) + int(b.split()[-1])
+    c = await conn.execute(
+        "UPDATE claim_tokens SET sealed_session = NULL, revoked_at = now() WHERE used_at IS NULL"
+        " AND revoked_at IS NULL AND (session_id = ANY($1::uuid[]) OR (account_id = ANY($2::uuid[])"
+        " AND created_at <= $3))",
+        session_ids, account_ids, cutoff,
+    )
+    return int(a.split()[-1]) + int(b.split()[-1]) + int(c.split()[-1])
 
 
 async def insert_claim(conn: asyncpg.Connection | asyncpg.Pool, token_hmac: bytes, account_id: UUID,
-                       ttl: int) -> datetime:
+                       session_id: UUID, sealed_session: str, ttl: int) -> datetime:
     value: datetime = await conn.fetchval(
-        "INSERT INTO claim_tokens (token_hmac, account_id, expires_at)"
-        " VALUES ($1, $2, now() + make_interval(secs => $3)) RETURNING expires_at",
-        token_hmac, account_id, float(ttl),
+        "INSERT INTO claim_tokens (token_hmac, account_id, session_id, sealed_session, expires_at)"
+        " VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5)) RETURNING expires_at",
+        token_hmac, account_id, session_id, sealed_session, float(ttl),
     )
     return value
 
 
-async def consume_claim(conn: asyncpg.Connection, token_hmac: bytes) -> UUID | None:
-    value: UUID | None = await conn.fetchval(
-        "UPDATE claim_tokens SET used_at = now() WHERE token_hmac = $1 AND used_at IS NULL AND expires_at > now()"
-        " RETURNING account_id",
+async def lock_claim(conn: asyncpg.Connection, token_hmac: bytes) -> asyncpg.Record | None:
+    """A live claim token, locked until the exchange's transaction ends (a concurrent exchange of the
+    same token waits, then finds it used)."""
+    row: asyncpg.Record | None = await conn.fetchrow(
+        "SELECT account_id, session_id, sealed_session FROM claim_tokens WHERE token_hmac = $1 AND used_at IS NULL"
+        " AND revoked_at IS NULL AND expires_at > now() FOR UPDATE",
         token_hmac,
     )
-    return value
+    return row
+
+
+async def use_claim(conn: asyncpg.Connection, token_hmac: bytes) -> None:
+    await conn.execute("UPDATE claim_tokens SET used_at = now(), sealed_session = NULL WHERE token_hmac = $1",
+                       token_hmac)
 
 
 async def purge_expired(conn: asyncpg.Connection | asyncpg.Pool) -> None:

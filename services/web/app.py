@@ -30,6 +30,7 @@ async def clients_ctx(app: web.Application) -> AsyncIterator[None]:
 def create_app(settings: Settings) -> web.Application:
     app = base_app(settings)
     app.middlewares.append(routes.cookies_middleware)
+    app.on_response_prepare.append(routes.security_headers)
     app[HTML_ERRORS] = routes.html_error
     aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
                          autoescape=jinja2.select_autoescape(["html"], default=True))

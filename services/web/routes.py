@@ -20,7 +20,8 @@ import aiohttp_jinja2
 from aiohttp import web
 
 from services.web.settings import Settings
-from shared.app import SETTINGS, client_address
+from shared import plex
+from shared.app import SETTINGS, client_address, is_https
 from shared.errors import Forbidden, HearthError
 from shared.holder import HOLDER, Principal
 from shared.internal import InternalClient
@@ -44,7 +45,19 @@ def _settings(request: web.Request) -> Settings:
 
 
 def _secure(request: web.Request) -> bool:
-    return request.secure or request.headers.get("X-Forwarded-Proto", "") == "https"
+    """Cookies are Secure whenever the edge is reached over HTTPS, directly or through a trusted
+    TLS-terminating proxy (X-Forwarded-Proto is believed only from TRUSTED_PROXIES)."""
+    return is_https(request)
+
+
+# Every page: no framing, no inline script or style, no third-party anything, no referrer outside.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:;"
+                               " connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "same-origin",
+    "X-Content-Type-Options": "nosniff",
+}
 
 
 # --------------------------------------------------------------------------------- CSRF
@@ -59,14 +72,19 @@ def _csrf_cookie(request: web.Request) -> str:
 
 
 def csrf_token(request: web.Request) -> str:
-    mac = hmac.new(_settings(request).csrf_secret.get_secret_value().encode(), _csrf_cookie(request).encode(),
-                   hashlib.sha256).digest()
+    """HMAC of the browser's CSRF cookie and of the session it is signed in with (none when signed
+    out): a form token taken while signed in dies with the session (revocation, sign-out)."""
+    principal = request.get(_PRINCIPAL)
+    session = principal.session_id if isinstance(principal, Principal) else ""
+    message = f"{_csrf_cookie(request)}|{session}".encode()
+    mac = hmac.new(_settings(request).csrf_secret.get_secret_value().encode(), message, hashlib.sha256).digest()
     return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
 
 
 async def check_csrf(request: web.Request) -> dict[str, str]:
-    form = await request.post()
-    fields = {k: v for k, v in form.items() if isinstance(v, str)}
+    form = await plex.form(request)
+    fields = {k: v for k, v in form.items()}
+    await current(request)
     cookie = request.cookies.get(CSRF_COOKIE, "")
     if not cookie or not same(fields.get("csrf_token", ""), csrf_token(request)):
         raise Forbidden("This form has expired or did not come from this site. Reload the page and try again.",
@@ -85,6 +103,12 @@ async def cookies_middleware(request: web.Request, handler: Any) -> web.StreamRe
         raise
     _set_cookies(request, response)
     return response
+
+
+async def security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: every answer (pages, redirects, error pages, static files)."""
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
 
 
 def _set_cookies(request: web.Request, response: web.StreamResponse) -> None:
@@ -183,8 +207,24 @@ async def signup(request: web.Request) -> web.Response:
 
 
 def _next(value: str | None) -> str:
-    return value if value and re.fullmatch(r"/[A-Za-z0-9/_?=&.-]{0,200}", value) and not value.startswith("//") \
-        else "/account"
+    """A local path to go to after signing in, else /account. Refused: anything but a plain path, and
+    any path that a browser would normalise (dot segments, repeated slashes) to one starting
+    with ``//`` (another origin)."""
+    if not value or not re.fullmatch(r"/[A-Za-z0-9/_?=&.-]{0,200}", value):
+        return "/account"
+    path = value.split("?", 1)[0]
+    segments: list[str] = []
+    for part in path.split("/")[1:]:
+        if part == "..":
+            if segments:
+                segments.pop()
+        elif part != ".":
+            segments.append(part)
+    normalised = "/" + "/".join(segments)
+    if value.startswith("//") or normalised.startswith("//") or "//" in path or "/./" in path + "/" \
+            or "/../" in path + "/":
+        return "/account"
+    return value
 
 
 async def signin_page(request: web.Request) -> web.Response:
@@ -366,7 +406,8 @@ async def link_lookup(request: web.Request) -> web.Response:
                     status=400)
     try:
         device = await request.app[LINKCODE].call(
-            "GET", f"/internal/codes/{_path_code(code)}?account_id={principal.account_id}")
+            "GET", f"/internal/codes/{_path_code(code)}?account_id={principal.account_id}",
+            headers={"X-Forwarded-For": client_address(request)})
     except HearthError as err:
         message = {404: "That code is wrong or has expired. Check the code on your device."}.get(
             err.status, _wait_message(err))
@@ -385,7 +426,8 @@ async def link_approve(request: web.Request) -> web.Response:
     deny = form.get("decision") == "deny"
     try:
         await request.app[LINKCODE].call("POST", f"/internal/codes/{_path_code(code)}/approve", {
-            "account_id": principal.account_id, "session_id": principal.session_id, "deny": deny})
+            "account_id": principal.account_id, "session_id": principal.session_id, "deny": deny},
+            headers={"X-Forwarded-For": client_address(request)})
     except HearthError as err:
         message = {404: "That code is wrong or has expired. Check the code on your device."}.get(
             err.status, _wait_message(err))
