@@ -40,6 +40,8 @@ from typing import IO, Any
 
 import orjson
 
+from shared.logs import redact
+
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 KAFKA_VERSION = "4.1.1"
@@ -153,6 +155,8 @@ class Output:
             sink = None if self.console else open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115
             try:
                 for raw in iter(stream.readline, b""):
+                    if b"oken" in raw or b"assword" in raw or b"ecret" in raw:  # every child's log is masked
+                        raw = redact(raw.decode(errors="replace")).encode()
                     if sink is not None:
                         sink.write(raw)
                         sink.flush()

@@ -21,6 +21,11 @@ event_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("event_id"
 _SECRETISH = re.compile(r"(?i)(token|password|secret|authorization)([\"'=: ]+)([^\s\"'&,]{6,})")
 
 
+def redact(text: str) -> str:
+    """Mask anything that looks like a bearer secret (``token=...``, ``X-Plex-Token: ...``)."""
+    return _SECRETISH.sub(r"\1\2[redacted]", text)
+
+
 class ContextFilter(logging.Filter):
     def __init__(self, service: str) -> None:
         super().__init__()

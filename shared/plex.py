@@ -95,9 +95,10 @@ async def _post(request: web.Request) -> MultiDict[str]:
         raw = await request.post()
     except web.HTTPException:
         raise
-    except (ValueError, LookupError, RuntimeError, AssertionError, KeyError, TypeError):
-        # aiohttp raises these for a malformed multipart body, an unknown part charset or
-        # Content-Transfer-Encoding: the client's fault.
+    except Exception:
+        # Parsing reads nothing but the body, so whatever it raises is the body's fault: aiohttp
+        # raises ValueError, LookupError, RuntimeError, InvalidHeader... for a malformed multipart
+        # body, an unknown part charset or Content-Transfer-Encoding.
         raise ValidationFailed("the form body could not be parsed") from None
     return MultiDict((k, v) for k, v in raw.items() if isinstance(v, str))
 

@@ -83,6 +83,10 @@ def stack_obj() -> Iterator[Stack]:
             "CREATE_PER_CLIENT": "1000",
             # Short enough that a test can watch an exhausted code budget come back.
             "CODE_ATTEMPT_WINDOW": "6",
+            # Per-address budgets (issue 16): sized for a whole suite signing up from 127.0.0.1;
+            # tests/security checks them from other loopback addresses.
+            "SIGNUPS_PER_ADDRESS": "200",
+            "CODE_ATTEMPTS_PER_ADDRESS": "12",
             "LOG_LEVEL": "INFO",
         },
     )

@@ -134,18 +134,17 @@ class Auth:
                       then: Callable[[store.Account], Awaitable[T]] | None = None) -> tuple[store.Account, T | None]:
         """Create an account. ``then`` (the first session's mint) runs inside the account's
         transaction: if it fails, the account is not created, so a retry succeeds."""
+        # Every attempt counts against the address (before validation, so probing is not free).
+        s = self.s
+        wait = await throttle.reserve(self.pool, [(f"signup:addr:{address}", s.signups_per_address)],
+                                      window=s.signup_window, max_block=s.signup_window, growing=False)
+        if wait > 0:
+            raise SignInThrottled(f"Too many sign-ups; try again in {int(wait) + 1} seconds",
+                                  retry_after=int(wait) + 1, code="too_many_signups")
         email = check_email(email)
         username = check_username(username)
         check_password(password, email=email, username=username)
         assert password is not None
-        s = self.s
-        scope = f"signup:addr:{address}"
-        wait = await throttle.blocked_for(self.pool, [scope])
-        if wait > 0:
-            raise SignInThrottled(f"Too many sign-ups; try again in {int(wait) + 1} seconds",
-                                  retry_after=int(wait) + 1, code="too_many_signups")
-        await throttle.hit(self.pool, scope, free=s.signups_per_address, window=s.signup_window,
-                           max_block=s.signup_window, growing=False)
         password_hash = await self.passwords.hash(password)
         account_id = uuid.uuid4()
         result: T | None = None
