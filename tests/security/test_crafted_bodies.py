@@ -133,3 +133,26 @@ async def test_nul_and_control_characters_answer_400_before_anything_is_written(
                               headers={"X-Plex-Device-Name": "tv"})
     assert status == 201
     await asyncio.sleep(0)
+
+
+async def test_broken_transfer_encodings_and_raw_header_bytes_answer_4xx_in_shape(stack: Stack) -> None:
+    """What an HTTP client library refuses to send, sent on a raw socket to the edge."""
+    port = stack.ports["edge"]
+    requests = [
+        (b"POST /api/v2/users HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: bogus\r\n\r\n", b"<errors>"),
+        (b"POST /oauth/token HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", b'"error"'),
+        (b"POST /api/v2/users HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", b"<errors>"),
+        (b"POST /api/v2/users HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+         b"<errors>"),
+        (b"GET /api/v2/user HTTP/1.1\r\nHost: x\r\nX-Plex-Product: a\x00b\r\n\r\n", b"<errors>"),
+        (b"GET /api/v2/user HTTP/1.1\r\nHost: x\r\nX-Plex-Product: a\x01b\r\nX-Plex-Token: x\r\n\r\n", b"<errors>"),
+        (b"POST /signin HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: bogus\r\n\r\n", b"<html"),
+    ]
+    for raw, shape in requests:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(raw)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(4096), 10)
+        writer.close()
+        status = int(answer.split(b" ", 2)[1])
+        assert 400 <= status < 500 and shape in answer, (raw, answer[:300])
