@@ -76,7 +76,8 @@ hostile_char = st.one_of(st.sampled_from(["\x00", "\x01", "\x1f", "\x7f", "\t", 
 text = st.text(hostile_char, max_size=40)
 value = st.one_of(text, st.sampled_from(["", "1", "true", "claim-x", "ABCD", "a@b.co", PASSWORD]),
                   st.integers(300, 70_000).map(lambda n: "A" * n))  # oversized
-json_value = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), text),
+json_value = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64 - 1),
+                                     st.floats(allow_nan=False, allow_infinity=False), text),
                           lambda c: st.lists(c, max_size=3) | st.dictionaries(text, c, max_size=3), max_leaves=6)
 pairs = st.lists(st.tuples(st.one_of(st.sampled_from(FIELDS), text), value), max_size=6)  # repeated keys allowed
 # aiohttp refuses to send control characters in headers; X-Plex-* values with NUL and controls
