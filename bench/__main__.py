@@ -38,6 +38,7 @@ def main() -> None:
                              "RESET_REQUESTS_PER_ADDRESS": "10000000", "RESET_REQUESTS_PER_EMAIL": "10000000",
                              "CREATE_PER_ADDRESS": "10000000", "CREATE_PER_CLIENT": "10000000",
                              "SIGNIN_FREE_FAILURES_PER_ADDRESS": "10000000",
+                             "SIGNUPS_PER_ADDRESS": "10000000", "CODE_ATTEMPTS_PER_ADDRESS": "10000000",
                              # the sink is local: measure notification's own throughput, not a provider's cap
                              "SMTP_RATE": "5000", "SMTP_CONCURRENCY": "8", "DB_POOL_MAX": "20"})
     print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, "

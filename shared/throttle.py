@@ -111,3 +111,18 @@ async def release(conn: asyncpg.Connection | asyncpg.Pool, scopes: list[tuple[st
         """,
         [s for s, _ in scopes], [f for _, f in scopes],
     )
+
+
+async def settle(conn: asyncpg.Connection | asyncpg.Pool, clear_scope: str, release_scopes: list[tuple[str, int]]
+                 ) -> None:
+    """A reserved attempt that succeeded, in one statement: ``clear_scope`` is forgiven (deleted) and
+    one attempt is given back to each of ``release_scopes`` (see :func:`release`)."""
+    await conn.execute(
+        """
+        WITH forgiven AS (DELETE FROM throttles WHERE scope = $1)
+        UPDATE throttles t SET hits = greatest(t.hits - 1, 0),
+            blocked_until = CASE WHEN t.hits - 1 <= u.free THEN NULL ELSE t.blocked_until END
+        FROM unnest($2::text[], $3::int[]) AS u(scope, free) WHERE t.scope = u.scope
+        """,
+        clear_scope, [s for s, _ in release_scopes], [f for _, f in release_scopes],
+    )

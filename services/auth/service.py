@@ -183,8 +183,7 @@ class Auth:
 
     async def _succeeded(self, scopes: list[tuple[str, int]]) -> None:
         """A right password: the account's failures are forgiven, the address's reserved attempt taken back."""
-        await throttle.clear(self.pool, scopes[0][0])
-        await throttle.release(self.pool, scopes[1:])
+        await throttle.settle(self.pool, scopes[0][0], scopes[1:])
 
     async def authenticate(self, login: str | None, password: str | None, address: str) -> store.Account:
         """Check credentials with throttling; raises BadCredentials, SignInThrottled, ResetRequired."""

@@ -52,29 +52,6 @@ async def find_by_login(conn: asyncpg.Connection | asyncpg.Pool, login_norm: str
     return _account(await conn.fetchrow(f"SELECT {_COLS} FROM accounts WHERE {column} = $1", login_norm))
 
 
-async def find_for_signin(conn: asyncpg.Connection | asyncpg.Pool, login_norm: str, scopes: list[str]
-                          ) -> tuple[float, bool, Account | None]:
-    """What a sign-in needs before hashing, in one round trip: seconds until every throttle scope is
-    unblocked (0 when none is), whether the first scope has failures recorded (so a success only
-    clears what exists), and the account, if any. The same query runs whether the account exists."""
-    column = "email_norm" if "@" in login_norm else "username_norm"
-    row = await conn.fetchrow(
-        f"""
-        SELECT coalesce((SELECT max(extract(epoch FROM blocked_until - now())) FROM throttles
-                         WHERE scope = ANY($2::text[]) AND blocked_until > now()), 0)::float8 AS blocked_for,
-               EXISTS (SELECT 1 FROM throttles WHERE scope = $3) AS failures_recorded,
-               a.id AS found, {", ".join("a." + c.strip() for c in _COLS.split(","))}
-        FROM (SELECT 1) AS one LEFT JOIN accounts a ON a.{column} = $1
-        """,
-        login_norm, scopes, scopes[0],
-    )
-    assert row is not None
-    account = None
-    if row["found"] is not None:
-        account = Account(**{k: row[k] for k in Account.__dataclass_fields__})
-    return float(row["blocked_for"]), bool(row["failures_recorded"]), account
-
-
 async def find_by_id(conn: asyncpg.Connection | asyncpg.Pool, account_id: UUID) -> Account | None:
     return _account(await conn.fetchrow(f"SELECT {_COLS} FROM accounts WHERE id = $1", account_id))
 
