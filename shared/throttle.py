@@ -7,6 +7,9 @@ counted. The ``throttles`` table comes from the shared migrations.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 import asyncpg
 
 
@@ -57,72 +60,112 @@ async def purge(conn: asyncpg.Connection | asyncpg.Pool) -> None:
                        " AND (blocked_until IS NULL OR blocked_until < now())")
 
 
-async def reserve(conn: asyncpg.Connection | asyncpg.Pool, scopes: list[tuple[str, int]], *, window: int,
-                  max_block: int, growing: bool = True) -> float:
-    """Reserve one attempt in every ``(scope, free)`` before doing the expensive work (hashing).
+_FREE_OF = "(SELECT v.free FROM unnest($1::text[], $2::int[]) AS v(scope, free) WHERE v.scope = t.scope LIMIT 1)"
+_EXPIRED = "t.window_start < now() - make_interval(secs => $3)"
+_settled: asyncio.Condition | None = None
 
-    One statement counts the attempt in each scope that is not blocked, and a scope whose count
-    passes its ``free`` allowance is blocked at once for 2^(hits-free) seconds (capped), so
-    concurrent attempts are held to the budget: the ones arriving while a block stands are not
-    counted and get the wait. Returns 0 when the attempt may go on, else the seconds to wait (and
-    the counts this call added are taken back). Without ``growing``, a scope past its allowance
-    stays blocked until its window ends."""
+
+def _condition() -> asyncio.Condition:
+    global _settled
+    if _settled is None:
+        _settled = asyncio.Condition()
+    return _settled
+
+
+async def _wake_one() -> None:
+    cond = _condition()
+    async with cond:
+        cond.notify(1)
+
+
+async def reserve(conn: asyncpg.Connection | asyncpg.Pool, scopes: list[tuple[str, int]], *, window: int,
+                  busy_wait: float = 10.0) -> float:
+    """Reserve one attempt in every ``(scope, free)`` before the expensive or guessable step.
+
+    An attempt is admitted, atomically in one statement, only while the scope is not blocked and
+    its failures plus the attempts still in flight (``pending``) stay within ``free`` (past the
+    allowance: one attempt at a time after each block ends). So parallel guesses are held to the
+    budget: those beyond it wait for the ones in flight to settle (right ones give their place
+    back, wrong ones count and may block), then go on or get the block. Settle every admitted
+    attempt with :func:`fail`, :func:`settle` or :func:`release`. Returns 0 when admitted, else
+    the seconds to wait."""
     names = [s for s, _ in scopes]
     frees = [f for _, f in scopes]
-    rows = await conn.fetch(
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + busy_wait
+    while True:
+        rows = await conn.fetch(
+            f"""
+            INSERT INTO throttles AS t (scope, hits, window_start, pending)
+            SELECT u.scope, 0, now(), 1 FROM unnest($1::text[], $2::int[]) AS u(scope, free)
+            ON CONFLICT (scope) DO UPDATE SET
+                pending = t.pending + 1,
+                hits = CASE WHEN {_EXPIRED} THEN 0 ELSE t.hits END,
+                blocked_until = CASE WHEN {_EXPIRED} THEN NULL ELSE t.blocked_until END,
+                window_start = CASE WHEN {_EXPIRED} THEN now() ELSE t.window_start END
+            WHERE {_EXPIRED}
+               OR ((t.blocked_until IS NULL OR t.blocked_until <= now())
+                   AND (t.hits + t.pending <= {_FREE_OF} OR (t.hits > {_FREE_OF} AND t.pending = 0)))
+            RETURNING t.scope
+            """,
+            names, frees, float(window),
+        )
+        counted = {r["scope"] for r in rows}
+        if len(counted) == len(names):
+            return 0.0
+        if counted:
+            await _unpend(conn, [s for s in names if s in counted])
+        wait = await blocked_for(conn, names)
+        if wait > 0:
+            return max(wait, 1.0)
+        if loop.time() >= deadline:
+            return 1.0
+        # Full of attempts in flight: wait until one settles here (or briefly, for other replicas).
+        cond = _condition()
+        async with cond:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(cond.wait(), 0.1)
+
+
+async def _unpend(conn: asyncpg.Connection | asyncpg.Pool, scopes: list[str]) -> None:
+    await conn.execute("UPDATE throttles SET pending = greatest(pending - 1, 0) WHERE scope = ANY($1::text[])",
+                       scopes)
+
+
+async def fail(conn: asyncpg.Connection | asyncpg.Pool, scopes: list[tuple[str, int]], *, window: int,
+               max_block: int, growing: bool = True) -> None:
+    """A reserved attempt that failed: it counts; past ``free`` the scope is blocked for 2^(hits-free)
+    seconds (capped at ``max_block``) when ``growing``, else until its window ends."""
+    await conn.execute(
         """
-        INSERT INTO throttles AS t (scope, hits, window_start, blocked_until)
-        SELECT u.scope, 1, now(), CASE WHEN u.free < 1 THEN now() + make_interval(secs => 1) END
-        FROM unnest($1::text[], $2::int[]) AS u(scope, free)
-        ON CONFLICT (scope) DO UPDATE SET
-            hits = CASE WHEN t.window_start < now() - make_interval(secs => $3) THEN 1 ELSE t.hits + 1 END,
-            window_start = CASE WHEN t.window_start < now() - make_interval(secs => $3) THEN now()
-                                ELSE t.window_start END,
-            blocked_until = CASE
-                WHEN t.window_start < now() - make_interval(secs => $3) THEN NULL
-                WHEN t.hits + 1 > (SELECT v.free FROM unnest($1::text[], $2::int[]) AS v(scope, free)
-                                   WHERE v.scope = t.scope LIMIT 1)
-                THEN CASE WHEN $5 THEN now() + make_interval(secs => least($4, power(2, least(t.hits + 1 - (
-                    SELECT v.free FROM unnest($1::text[], $2::int[]) AS v(scope, free)
-                    WHERE v.scope = t.scope LIMIT 1), 20))))
-                    ELSE t.window_start + make_interval(secs => $3) END
-                ELSE t.blocked_until END
-        WHERE t.blocked_until IS NULL OR t.blocked_until <= now()
-        RETURNING t.scope
+        UPDATE throttles t SET pending = greatest(t.pending - 1, 0), hits = t.hits + 1,
+            blocked_until = CASE WHEN t.hits + 1 <= u.free THEN t.blocked_until
+                                 WHEN $4 THEN now() + make_interval(
+                                     secs => least($3, power(2, least(t.hits + 1 - u.free, 20))))
+                                 ELSE t.window_start + make_interval(secs => $5) END
+        FROM unnest($1::text[], $2::int[]) AS u(scope, free) WHERE t.scope = u.scope
         """,
-        names, frees, float(window), float(max_block), growing,
+        [s for s, _ in scopes], [f for _, f in scopes], float(max_block), growing, float(window),
     )
-    counted = {r["scope"] for r in rows}
-    if len(counted) == len(names):
-        return 0.0
-    if counted:
-        await release(conn, [(s, f) for s, f in scopes if s in counted])
-    return max(await blocked_for(conn, names), 1.0)
+    await _wake_one()
 
 
 async def release(conn: asyncpg.Connection | asyncpg.Pool, scopes: list[tuple[str, int]]) -> None:
-    """Take back one reserved attempt in each ``(scope, free)`` (an attempt that was not a failure);
-    a block that this attempt's count set is lifted with it."""
-    await conn.execute(
-        """
-        UPDATE throttles t SET hits = greatest(t.hits - 1, 0),
-            blocked_until = CASE WHEN t.hits - 1 <= u.free THEN NULL ELSE t.blocked_until END
-        FROM unnest($1::text[], $2::int[]) AS u(scope, free) WHERE t.scope = u.scope
-        """,
-        [s for s, _ in scopes], [f for _, f in scopes],
-    )
+    """A reserved attempt that was not a failure: its place is given back, nothing is counted."""
+    await _unpend(conn, [s for s, _ in scopes])
+    await _wake_one()
 
 
 async def settle(conn: asyncpg.Connection | asyncpg.Pool, clear_scope: str, release_scopes: list[tuple[str, int]]
                  ) -> None:
-    """A reserved attempt that succeeded, in one statement: ``clear_scope`` is forgiven (deleted) and
-    one attempt is given back to each of ``release_scopes`` (see :func:`release`)."""
+    """A reserved attempt that succeeded, in one statement: ``clear_scope``'s failures are forgiven
+    and its block lifted, and the attempt's place is given back in every scope."""
+    names = [clear_scope, *[s for s, _ in release_scopes]]
     await conn.execute(
-        """
-        WITH forgiven AS (DELETE FROM throttles WHERE scope = $1)
-        UPDATE throttles t SET hits = greatest(t.hits - 1, 0),
-            blocked_until = CASE WHEN t.hits - 1 <= u.free THEN NULL ELSE t.blocked_until END
-        FROM unnest($2::text[], $3::int[]) AS u(scope, free) WHERE t.scope = u.scope
-        """,
-        clear_scope, [s for s, _ in release_scopes], [f for _, f in release_scopes],
+        "UPDATE throttles SET pending = greatest(pending - 1, 0),"
+        " hits = CASE WHEN scope = $1 THEN 0 ELSE hits END,"
+        " blocked_until = CASE WHEN scope = $1 THEN NULL ELSE blocked_until END"
+        " WHERE scope = ANY($2::text[])",
+        clear_scope, names,
     )
+    await _wake_one()

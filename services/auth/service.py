@@ -136,11 +136,12 @@ class Auth:
         transaction: if it fails, the account is not created, so a retry succeeds."""
         # Every attempt counts against the address (before validation, so probing is not free).
         s = self.s
-        wait = await throttle.reserve(self.pool, [(f"signup:addr:{address}", s.signups_per_address)],
-                                      window=s.signup_window, max_block=s.signup_window, growing=False)
+        scope = [(f"signup:addr:{address}", s.signups_per_address)]
+        wait = await throttle.reserve(self.pool, scope, window=s.signup_window)
         if wait > 0:
             raise SignInThrottled(f"Too many sign-ups; try again in {int(wait) + 1} seconds",
                                   retry_after=int(wait) + 1, code="too_many_signups")
+        await throttle.fail(self.pool, scope, window=s.signup_window, max_block=s.signup_window, growing=False)
         email = check_email(email)
         username = check_username(username)
         check_password(password, email=email, username=username)
@@ -175,11 +176,15 @@ class Auth:
                 (f"signin:addr:{address}", s.signin_free_failures_per_address)]
 
     async def _reserve(self, scopes: list[tuple[str, int]]) -> None:
-        """Count this attempt before hashing (atomically, in SQL): parallel guesses are held to the budget."""
-        wait = await throttle.reserve(self.pool, scopes, window=self.s.signin_window, max_block=self.s.signin_max_block)
+        """Reserve this attempt before hashing (atomically, in SQL): parallel guesses are held to the
+        budget; settled by _failed or _succeeded."""
+        wait = await throttle.reserve(self.pool, scopes, window=self.s.signin_window)
         if wait > 0:
             raise SignInThrottled(f"Too many failed attempts; try again in {int(wait) + 1} seconds",
                                   retry_after=int(wait) + 1)
+
+    async def _failed(self, scopes: list[tuple[str, int]]) -> None:
+        await throttle.fail(self.pool, scopes, window=self.s.signin_window, max_block=self.s.signin_max_block)
 
     async def _succeeded(self, scopes: list[tuple[str, int]]) -> None:
         """A right password: the account's failures are forgiven, the address's reserved attempt taken back."""
@@ -193,11 +198,18 @@ class Auth:
         account = await store.find_by_login(self.pool, login_norm)
         scopes = self._signin_scopes(account, login_norm, address)
         await self._reserve(scopes)
-        if account is None:
-            await self.passwords.verify_dummy(password)
-            raise BadCredentials()
-        result = await self.passwords.verify(account.password_hash, password)
-        if not result.ok:
+        try:
+            if account is None:
+                await self.passwords.verify_dummy(password)
+                ok = False
+            else:
+                result = await self.passwords.verify(account.password_hash, password)
+                ok = result.ok
+        except BaseException:
+            await throttle.release(self.pool, scopes)
+            raise
+        if not ok or account is None:
+            await self._failed(scopes)
             raise BadCredentials()
         await self._succeeded(scopes)
         if account.reset_required_at is not None:
@@ -281,7 +293,13 @@ class Auth:
             raise BadCredentials("the current password is wrong", field="currentPassword")
         scopes = self._signin_scopes(account, account.username.lower(), address)
         await self._reserve(scopes)
-        if not (await self.passwords.verify(account.password_hash, current)).ok:
+        try:
+            ok = (await self.passwords.verify(account.password_hash, current)).ok
+        except BaseException:
+            await throttle.release(self.pool, scopes)
+            raise
+        if not ok:
+            await self._failed(scopes)
             raise BadCredentials("the current password is wrong", field="currentPassword")
         await self._succeeded(scopes)
         check_password(password, email=account.email, username=account.username)

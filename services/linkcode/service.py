@@ -187,8 +187,7 @@ class LinkCodes:
         """Reserve one code entry from the account's and the address's budgets before looking the
         code up (atomic, so parallel guesses are held to the budget); a right code gives it back."""
         scopes = self._code_scopes(account_id, address)
-        wait = await throttle.reserve(self.pool, scopes, window=self.s.code_attempt_window,
-                                      max_block=self.s.code_attempt_window, growing=False)
+        wait = await throttle.reserve(self.pool, scopes, window=self.s.code_attempt_window)
         if wait > 0:
             raise CodeBudgetExhausted(f"Too many wrong codes; try again in {int(wait) + 1} seconds",
                                       retry_after=int(wait) + 1)
@@ -196,6 +195,23 @@ class LinkCodes:
 
     async def _right(self, scopes: list[tuple[str, int]]) -> None:
         await throttle.release(self.pool, scopes)
+
+    async def _wrong(self, scopes: list[tuple[str, int]]) -> None:
+        await throttle.fail(self.pool, scopes, window=self.s.code_attempt_window,
+                            max_block=self.s.code_attempt_window, growing=False)
+
+    async def _lookup(self, raw: str | None, scopes: list[tuple[str, int]]) -> tuple[str, Any]:
+        """The code's PIN or device code, settling the reserved entry: a wrong code counts."""
+        try:
+            found = await self._find(normalise_code(raw))
+        except BaseException:
+            await self._right(scopes)
+            raise
+        if found is None:
+            await self._wrong(scopes)
+            raise CodeNotFound()
+        await self._right(scopes)
+        return found
 
     async def _find(self, code: str) -> tuple[str, Any] | None:
         if len(code) == 8 and all(c in USER_CODE_ALPHABET for c in code):
@@ -209,11 +225,7 @@ class LinkCodes:
     async def describe(self, raw: str | None, account_id: str, address: str) -> CodeInfo:
         """What would be linked (for the link page), counting a wrong entry against the budgets."""
         scopes = await self._budget(account_id, address)
-        found = await self._find(normalise_code(raw))
-        if found is None:
-            raise CodeNotFound()
-        await self._right(scopes)
-        kind, obj = found
+        kind, obj = await self._lookup(raw, scopes)
         if kind == "pin":
             d = obj.device
             return CodeInfo("pin", d.get("product", ""), d.get("device_name", "") or d.get("device", ""),
@@ -224,12 +236,7 @@ class LinkCodes:
         """Link a PIN or approve (or deny) a device code for the signed-in account."""
         account_id = principal.account_id
         scopes = await self._budget(account_id, address)
-        code = normalise_code(raw)
-        found = await self._find(code)
-        if found is None:
-            raise CodeNotFound()
-        await self._right(scopes)
-        kind, obj = found
+        kind, obj = await self._lookup(raw, scopes)
         acct = uuid.UUID(account_id)
         if kind == "device_code":
             async with self.pool.acquire() as conn:

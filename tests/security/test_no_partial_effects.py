@@ -49,6 +49,11 @@ async def test_requests_failing_inside_an_internal_call_leave_nothing_and_succee
     async with browser.get(stack.edge_url + "/signup") as r:
         csrf = CSRF.search(await r.text()).group(1)  # type: ignore[union-attr]
     server = {"X-Plex-Client-Identifier": f"srv-{uuid.uuid4().hex[:8]}", "X-Plex-Product": "Plex Media Server"}
+    status, body, _ = await sign_in(stack, owner["username"], client=f"o2-{uuid.uuid4().hex[:6]}")
+    second = body["authToken"]
+    assert (await call(stack, "GET", "/api/v2/user", headers={"X-Plex-Token": second}))[0] == 200  # cached by auth
+    status, dc, _ = await call(stack, "POST", "/oauth/device/code", data={"client_id": "partial-tv"})
+    assert status == 200
     try:
         async with down(stack, "devicesession"):
             # sign-up: auth -> devicesession (first session)
@@ -65,6 +70,13 @@ async def test_requests_failing_inside_an_internal_call_leave_nothing_and_succee
             assert status == 503
             # claim exchange: linkcode -> devicesession
             status, body, _ = await call(stack, "POST", f"/api/claim/exchange?token={claim['token']}", headers=server)
+            assert status == 503, body
+            # sign-out: auth -> devicesession (revoke)
+            status, body, _ = await call(stack, "DELETE", "/api/v2/users/signout", headers={"X-Plex-Token": second})
+            assert status == 503, body
+            # device code approval: linkcode -> devicesession (mint)
+            status, body, _ = await call(stack, "PUT", "/api/v2/pins/link", data={"code": dc["user_code"]},
+                                         headers={"X-Plex-Token": token})
             assert status == 503, body
         auth = await db(stack, "auth")
         try:
@@ -86,6 +98,15 @@ async def test_requests_failing_inside_an_internal_call_leave_nothing_and_succee
         assert status == 201
         status, body, _ = await call(stack, "POST", f"/api/claim/exchange?token={claim['token']}", headers=server)
         assert status == 200 and body["authToken"], body
+        status, _, _ = await call(stack, "DELETE", "/api/v2/users/signout", headers={"X-Plex-Token": second})
+        assert status == 204
+        status, _, _ = await call(stack, "PUT", "/api/v2/pins/link", data={"code": dc["user_code"]},
+                                  headers={"X-Plex-Token": token})
+        assert status == 204
+        status, body, _ = await call(stack, "POST", "/oauth/token", data={
+            "grant_type": "urn:ietf:params:oauth:grant-type:device_code", "device_code": dc["device_code"],
+            "client_id": "partial-tv"})
+        assert status == 200 and body["access_token"], body
 
         # A PIN link that fails (linkcode -> devicesession) leaves the PIN linkable.
         async with down(stack, "devicesession"):
