@@ -436,6 +436,7 @@ def load_or_create_secrets(path: Path) -> dict[str, str]:
         "TOKEN_HMAC_KEY": lambda: secrets.token_urlsafe(32),
         "SEAL_KEYS": lambda: new_key_spec("k1"),
         "LINKCODE_SEAL_KEYS": lambda: new_key_spec("l1"),
+        "TWO_FACTOR_SEAL_KEYS": lambda: new_key_spec("t1"),
         "PASSWORD_PEPPERS": lambda: new_key_spec("p1"),
         "HOLDER_SECRET": lambda: secrets.token_urlsafe(32),
         "CSRF_SECRET": lambda: secrets.token_urlsafe(32),

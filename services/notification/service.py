@@ -54,6 +54,9 @@ from shared.events import (
     PasswordResetRequested,
     PinLinked,
     ServerClaimed,
+    TwoFactorDisabled,
+    TwoFactorEnabled,
+    TwoFactorRecoveryCodeUsed,
     decode_data,
     parse_time,
     utcnow,
@@ -71,7 +74,7 @@ DELIVERY_LATENCY = Histogram("hearth_notification_delivery_seconds", "Event queu
                              buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
 
 PRIORITY = {"password_reset": 0, "password_changed": 5, "device_linked": 5, "server_claimed": 5,
-            "reset_required": 9}
+            "reset_required": 9, "two_factor_enabled": 5, "two_factor_disabled": 5, "recovery_code_used": 5}
 HOW = {"reset": "through a password reset link", "change": "from your account settings",
        "forced": "by an administrator"}
 
@@ -124,11 +127,33 @@ async def queue_for_event(conn: asyncpg.Connection, env: Envelope) -> None:
             account, device, when = d.account_id, d.device_name or d.client_id, d.approved_at
         await store.insert_deliveries(conn, env.id, "device_linked", PRIORITY["device_linked"], [
             (UUID(account), None, {"device": device or "A device", "when": when})])
+    elif t in (TwoFactorEnabled.TYPE, TwoFactorDisabled.TYPE, TwoFactorRecoveryCodeUsed.TYPE):
+        await _queue_two_factor(conn, env)
     elif t == ServerClaimed.TYPE:
         s = decode_data(env, ServerClaimed)
         name = s.name + (f" ({s.platform})" if s.platform else "")
         await store.insert_deliveries(conn, env.id, "server_claimed", PRIORITY["server_claimed"], [
             (UUID(s.account_id), None, {"device": name or s.client_identifier, "when": s.claimed_at})])
+
+
+async def _queue_two_factor(conn: asyncpg.Connection, env: Envelope) -> None:
+    """Two-step verification notices: one email per event (idempotent on the event id)."""
+    ctx: dict[str, Any]
+    if env.type == TwoFactorEnabled.TYPE:
+        e = decode_data(env, TwoFactorEnabled)
+        kind, account, email, username, ctx = "two_factor_enabled", e.account_id, e.email, e.username, {
+            "when": e.enabled_at}
+    elif env.type == TwoFactorDisabled.TYPE:
+        d = decode_data(env, TwoFactorDisabled)
+        kind, account, email, username, ctx = "two_factor_disabled", d.account_id, d.email, d.username, {
+            "when": d.disabled_at, "by": d.by, "reason": d.reason or ""}
+    else:
+        r = decode_data(env, TwoFactorRecoveryCodeUsed)
+        kind, account, email, username, ctx = "recovery_code_used", r.account_id, r.email, r.username, {
+            "when": r.used_at, "codes_left": r.codes_left}
+    await store.upsert_recipient(conn, UUID(account), email, username)
+    await store.insert_deliveries(conn, env.id, kind, PRIORITY[kind], [(UUID(account), email,
+                                                                        {"username": username, **ctx})])
 
 
 # --------------------------------------------------------------------------------- rendering
@@ -177,6 +202,9 @@ class Renderer:
         elif d.kind == "password_changed":
             ctx.update(changed_at=self._when(c.get("changed_at")), how=HOW.get(c.get("cause", ""), "by you"),
                        signed_out=bool(c.get("signed_out")))
+        elif d.kind in ("two_factor_enabled", "two_factor_disabled", "recovery_code_used"):
+            ctx.update(when=self._when(c.get("when")), by=c.get("by", "user"), reason=c.get("reason", ""),
+                       codes_left=int(c.get("codes_left", 0)))
         else:
             ctx.update(device=c.get("device", "A device"), when=self._when(c.get("when")))
         return ctx
