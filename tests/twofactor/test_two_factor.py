@@ -320,3 +320,17 @@ async def test_unconfirmed_enrollment_expires(stack: Stack) -> None:
     assert status == 400 and err["errors"][0]["code"] == 1118
     status, body, _ = await sign_in(stack, a["username"])
     assert status == 201 and body["twoFactorEnabled"] is False
+
+
+async def test_a_redelivered_two_factor_event_sends_one_email(stack: Stack) -> None:
+    from shared.events import AUTH_EVENTS, TwoFactorRecoveryCodeUsed, envelope, iso, utcnow
+    from tests.notification.test_notification import publish
+
+    a = await sign_up(stack)
+    acct = account_uuid(a["id"])
+    env = envelope(TwoFactorRecoveryCodeUsed(account_id=acct, email=a["email"], username=a["username"],
+                                             codes_left=2, used_at=iso(utcnow())), producer="tests", key=acct)
+    for _ in range(3):
+        await publish(stack.kafka_bootstrap, stack.topic_prefix + AUTH_EVENTS, env)
+    text = await exactly_one_email(stack, a["email"], "recovery_code_used")
+    assert "2 unused recovery codes left" in text and "Create new ones soon" in text
