@@ -13,8 +13,21 @@ import click
 
 
 @click.group()
-def main() -> None:
-    """Hearth: accounts, device linking and revocation fan-out for self-hosted media."""
+@click.option("--env-file", default=None, metavar="PATH",
+              help="settings of the stack to talk to; default: HEARTH_ENV_FILE, else .run/hearth.env. "
+                   "Values already in the environment win.")
+def main(env_file: str | None) -> None:
+    """Hearth: accounts, device linking and revocation fan-out for self-hosted media.
+
+    Every subcommand that talks to a running stack reads its settings from the environment, then
+    from the stack's env file (written by the launcher: .run/hearth.env) for whatever is missing.
+    """
+    from shared import stackenv
+
+    try:
+        stackenv.load(env_file)
+    except stackenv.EnvFileError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 @main.command()

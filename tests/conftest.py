@@ -103,6 +103,7 @@ def infra(stack_obj: Stack) -> Infra:
 
 
 _stack_started = False
+START_LOGS: dict[str, bytes] = {}
 
 
 @pytest.fixture(scope="session")
@@ -112,6 +113,9 @@ def stack(stack_obj: Stack) -> Stack:
     if not _stack_started:
         stack_obj.start_rest()
         _stack_started = True
+        # What every process logged while starting (readiness includes the consumers' assignment):
+        # tests/newuser checks that a clean start logged no ERROR.
+        START_LOGS.update({p.name: p.read_bytes() for p in (stack_obj.run_dir / "logs").glob("*.log")})
     return stack_obj
 
 

@@ -149,7 +149,11 @@ async def get_user(request: web.Request) -> web.Response:
 
 async def sign_out(request: web.Request) -> web.Response:
     _, token = await _principal(request)
+    # devicesession answers once the revocation is committed and Hearth's own holders (this one
+    # included) have applied it; forgetting the token here as well keeps this service strict even
+    # when that wait runs out.
     await request.app[DEVICESESSION].call("POST", "/internal/sessions/revoke", {"token": token})
+    request.app[HOLDER].forget(token)
     return web.Response(status=204)
 
 
@@ -180,9 +184,10 @@ async def request_reset(request: web.Request) -> web.Response:
 
 async def _changed(request: web.Request, event_id: str, sign_out: bool) -> web.Response:
     """204 once the change is committed. With sign-out, wait (briefly) until devicesession has
-    revoked the sessions, so that when the answer arrives no old token introspects as active; the
-    holders' caches follow within milliseconds. If devicesession is slow, answer anyway: the event is
-    committed and will be applied."""
+    revoked the sessions and Hearth's own holders (auth, linkcode, web) have evicted them, so that
+    when the answer arrives no Hearth service accepts an old token; third-party holders follow
+    within milliseconds. If devicesession is slow, answer anyway: the event is committed and will
+    be applied."""
     headers = {"X-Hearth-Event-Id": event_id}
     if sign_out:
         deadline = asyncio.get_running_loop().time() + _settings(request).revocation_wait
@@ -192,6 +197,10 @@ async def _changed(request: web.Request, event_id: str, sign_out: bool) -> web.R
                 outcome = await request.app[DEVICESESSION].call(
                     "GET", f"/internal/revocations?causing_event_id={event_id}")
                 headers["X-Hearth-Sessions-Revoked"] = str(outcome["revoked"])
+                if outcome["revoked"]:
+                    # Read-your-writes: answer once Hearth's own holders have evicted the tokens.
+                    await request.app[DEVICESESSION].call(
+                        "POST", f"/internal/revocations/{outcome['revocation_id']}/applied")
                 break
             except HearthError as exc:
                 if exc.status != 404:

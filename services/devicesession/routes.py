@@ -136,7 +136,16 @@ async def revoke_sessions(request: web.Request) -> web.Response:
                                           account_id=acct, except_session_id=keep)
         else:
             raise InvalidMint("give token, session_id or account_id")
-    return web.json_response({"revoked": n, "revocation_id": rid if n else None})
+    rid = rid if n else None
+    # Committed; a bulk (breach) revocation answers at once, a sign-out once Hearth's own holders
+    # have applied it, so the next request to any Hearth service is refused.
+    missing = [] if "account_ids" in body else await _await_applied(request, rid)
+    return web.json_response({"revoked": n, "revocation_id": rid, "not_applied_by": missing})
+
+
+async def _await_applied(request: web.Request, revocation_id: str | None) -> list[str]:
+    s = _settings(request)
+    return await service.await_applied(request.app[POOL], revocation_id, s.wait_holders(), s.applied_wait)
 
 
 async def list_account_devices(request: web.Request) -> web.Response:
@@ -166,10 +175,12 @@ async def remove_account_device(request: web.Request) -> web.Response:
     account_id = _uuid(request.match_info["account_id"], "account_id")
     device_id = _device_id(request.match_info["device_id"])
     async with request.app[POOL].acquire() as conn:
-        n = await service.remove_device(conn, request.app[TOPICS], account_id, device_id)
-    if n is None:
+        removed = await service.remove_device(conn, request.app[TOPICS], account_id, device_id)
+    if removed is None:
         raise DeviceNotFound()
-    return web.json_response({"revoked": n})
+    n, rid = removed
+    missing = await _await_applied(request, rid)
+    return web.json_response({"revoked": n, "revocation_id": rid, "not_applied_by": missing})
 
 
 async def revocation_outcome(request: web.Request) -> web.Response:
@@ -180,6 +191,13 @@ async def revocation_outcome(request: web.Request) -> web.Response:
         raise NotFound("not processed yet")
     return web.json_response({"revocation_id": str(row["id"]), "revoked": row["revoked"], "cause": row["cause"],
                               "created_at": row["created_at"].isoformat()})
+
+
+async def await_revocation_applied(request: web.Request) -> web.Response:
+    """Answer once Hearth's own holders have applied the revocation (or the wait ran out)."""
+    _internal(request)
+    rid = str(_uuid(request.match_info["revocation_id"], "revocation_id"))
+    return web.json_response({"revocation_id": rid, "not_applied_by": await _await_applied(request, rid)})
 
 
 async def revocation_acks(request: web.Request) -> web.Response:
@@ -292,9 +310,10 @@ async def delete_device(request: web.Request) -> web.Response:
     info = await _account(request)
     device_id = _device_id(request.match_info["device_id"])
     async with request.app[POOL].acquire() as conn:
-        n = await service.remove_device(conn, request.app[TOPICS], info.account_id, device_id)
-    if n is None:
+        removed = await service.remove_device(conn, request.app[TOPICS], info.account_id, device_id)
+    if removed is None:
         raise DeviceNotFound()
+    await _await_applied(request, removed[1])
     return web.Response(status=204)
 
 
@@ -338,6 +357,7 @@ def setup_routes(app: web.Application) -> None:
     r.add_delete("/internal/accounts/{account_id}/devices/{device_id}", remove_account_device)
     r.add_get("/internal/revocations", revocation_outcome)
     r.add_get("/internal/revocations/{revocation_id}/acks", revocation_acks)
+    r.add_post("/internal/revocations/{revocation_id}/applied", await_revocation_applied)
     r.add_get("/internal/incidents/{incident_id}/revocations", incident_revocations)
     r.add_post("/oauth/introspect", introspect)
     r.add_get("/devices.xml", list_devices)

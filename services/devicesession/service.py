@@ -10,6 +10,7 @@ Invariants:
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from dataclasses import dataclass
@@ -193,16 +194,42 @@ async def revoke(conn: asyncpg.Connection, topics: Topics, *, cause: str, causin
 
 
 async def remove_device(conn: asyncpg.Connection, topics: Topics, account_id: uuid.UUID, device_id: int
-                        ) -> int | None:
-    """Sign a device out: revoke its sessions, hide it from lists, publish the events."""
+                        ) -> tuple[int, str | None] | None:
+    """Sign a device out: revoke its sessions, hide it from lists, publish the events.
+    Returns (sessions revoked, revocation id), or None when the account has no such device."""
     async with conn.transaction():
         device = await store.find_device(conn, account_id, device_id)
         if device is None:
             return None
-        n, _ = await revoke(conn, topics, cause="device_removed", account_id=account_id, device_id=device_id)
+        n, rid = await revoke(conn, topics, cause="device_removed", account_id=account_id, device_id=device_id)
         await store.mark_device_removed(conn, device_id)
         env = envelope(DeviceRemoved(account_id=str(account_id), device_id=str(device_id),
                                      client_identifier=device.client_identifier, name=device.device_name),
                        producer=PRODUCER, key=str(account_id))
         await outbox.add(conn, topics.events, env)
-        return n
+        return n, rid if n else None
+
+
+async def await_applied(pool: asyncpg.Pool, revocation_id: str | None, holders: frozenset[str],
+                        wait_for: float) -> list[str]:
+    """Wait until each of ``holders`` that has ever held a session here (it is in ``holders``: it
+    introspected or acknowledged before) has acknowledged ``revocation_id``, at most ``wait_for``
+    seconds. Returns the holders still missing (empty: every one applied it).
+
+    This is what makes a sign-out read-your-writes: the caller answers "signed out" only once no
+    Hearth service still has the token in its cache. The wait polls the database, not this
+    process's memory, because the acknowledgement may be consumed by another replica."""
+    if revocation_id is None or not holders or wait_for <= 0:
+        return []
+    rid = uuid.UUID(revocation_id)
+    expected = holders & set(await store.holder_ids(pool))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_for
+    delay = 0.002
+    while expected:
+        expected -= await store.acked_holders(pool, rid)
+        if not expected or loop.time() >= deadline:
+            break
+        await asyncio.sleep(delay)
+        delay = min(delay * 1.5, 0.025)
+    return sorted(expected)

@@ -222,6 +222,7 @@ async def signout(request: web.Request) -> web.Response:
             await request.app[AUTH].request("DELETE", "/api/v2/users/signout", headers={"X-Plex-Token": token})
         except HearthError:
             pass  # already invalid: the cookie goes anyway
+        request.app[HOLDER].forget(token)
     response = web.HTTPSeeOther("/signin")
     response.del_cookie(SESSION_COOKIE, path="/")
     raise response
