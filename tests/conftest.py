@@ -31,6 +31,15 @@ from shared import db  # noqa: E402
 from shared.settings import with_database  # noqa: E402
 
 RUN_ID = uuid.uuid4().hex[:8]
+_REAL = {"stack", "stack_obj", "infra", "scratch_db", "topic", "tap"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that asks for none of the real-server fixtures is a unit test (``make test-unit``)."""
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        if not names & _REAL and item.get_closest_marker("stack") is None:
+            item.add_marker(pytest.mark.unit)
 TEST_HOLDERS = ("alpha", "beta", "gamma")
 
 

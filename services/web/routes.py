@@ -183,8 +183,16 @@ async def signup(request: web.Request) -> web.Response:
 
 
 def _next(value: str | None) -> str:
-    return value if value and re.fullmatch(r"/[A-Za-z0-9/_?=&.-]{0,200}", value) and not value.startswith("//") \
-        else "/account"
+    """Where to go after signing in: a path on this site, else /account. Refused: anything but a
+    plain path, and any path a browser would normalise into one starting with // (another host):
+    empty segments and dot segments are refused outright."""
+    if not value or not re.fullmatch(r"/[A-Za-z0-9/_?=&.-]{0,200}", value):
+        return "/account"
+    path = value.split("?", 1)[0]
+    segments = path.split("/")[1:]
+    if "//" in path or any(seg in (".", "..") for seg in segments):
+        return "/account"
+    return value
 
 
 async def signin_page(request: web.Request) -> web.Response:
