@@ -213,22 +213,12 @@ class AccountResetRequired(Event):
     expires_at: str | None = None
 
 
-@dataclass(frozen=True)
-class ResetRequiredAccount:
-    """One account of an :class:`AccountsResetRequired` batch (a plain mapping on the wire)."""
-
-    account_id: str
-    email: str
-    username: str
-    sealed_token: str | None = None
-
-
 @register
 @dataclass(frozen=True)
 class AccountsResetRequired(Event):
     """Batch form of ``account.reset_required`` written by the breach command (one event per batch
-    of accounts, key = incident id). ``accounts`` holds mappings with the fields of
-    :class:`ResetRequiredAccount`; each ``sealed_token`` is sealed with context = its account id."""
+    of accounts, key = incident id). ``accounts`` holds mappings with ``account_id``, ``email``,
+    ``username`` and ``sealed_token`` (sealed with context = its account id, or null)."""
 
     TYPE: ClassVar[str] = "accounts.reset_required"
     incident_id: str

@@ -78,7 +78,7 @@ def stack_obj() -> Iterator[Stack]:
         run_dir,
         console=False,
         fixed_ports=False,
-        holders=TEST_HOLDERS if (ROOT / "services" / "holder" / "cli.py").exists() else (),
+        holders=TEST_HOLDERS,
         topic_prefix=prefix,
         fast_db=True,
         extra_env={
