@@ -40,15 +40,16 @@ def make_auth_handler(topics: service.Topics):  # type: ignore[no-untyped-def]
             ev = decode_data(env, PasswordChanged)
             if not ev.revoke_sessions:
                 return
-            await service.revoke(conn, topics, cause=ev.cause, causing_event_id=env.id,
-                                 account_id=uuid.UUID(ev.account_id), except_session_id=_uuid(ev.keep_session_id))
+            await service.revoke_sessions(conn, topics,
+                                          service.AccountSessions(uuid.UUID(ev.account_id), _uuid(ev.keep_session_id)),
+                                          service.Cause(ev.cause, event_id=env.id))
         elif env.type == PasswordsChanged.TYPE:
             batch = decode_data(env, PasswordsChanged)
             if not batch.revoke_sessions or not batch.account_ids:
                 return
-            await service.revoke(conn, topics, cause=batch.cause, causing_event_id=env.id,
-                                 account_ids=[uuid.UUID(a) for a in batch.account_ids],
-                                 key_account=batch.incident_id, incident_id=batch.incident_id)
+            await service.cut_off_accounts(conn, topics, [uuid.UUID(a) for a in batch.account_ids],
+                                           service.Cause(batch.cause, event_id=env.id, incident_id=batch.incident_id),
+                                           key=batch.incident_id)
 
     return handle_auth_event
 
