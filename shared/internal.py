@@ -95,8 +95,8 @@ class InternalClient:
 
     Internal calls sit on hot paths (every sign-in mints its session through one), so this is a
     deliberately small client: pooled connections, requests written as one buffer, answers parsed by
-    httptools. A general-purpose client (aiohttp's) spends about 0.4 ms more CPU per call on this
-    machine when the process wakes for it alone. Idle connections are dropped after 30 s, well before
+    httptools: a general-purpose client (aiohttp's) spends measurably more CPU per call when the
+    process wakes for it alone (see the README's benchmark section). Idle connections are dropped after 30 s, well before
     the server's keep-alive timeout (75 s), so a pooled connection is not closed under a request.
     """
 
