@@ -96,8 +96,9 @@ class InternalClient:
     Internal calls sit on hot paths (every sign-in mints its session through one), so this is a
     deliberately small client: pooled connections, requests written as one buffer, answers parsed by
     httptools: a general-purpose client (aiohttp's) spends measurably more CPU per call when the
-    process wakes for it alone (see the README's benchmark section). Idle connections are dropped after 30 s, well before
-    the server's keep-alive timeout (75 s), so a pooled connection is not closed under a request.
+    process wakes for it alone (see the README's benchmark section). Idle connections are dropped
+    after 30 s, well before the server's keep-alive timeout (75 s), so a pooled connection is not
+    closed under a request.
     """
 
     IDLE_LIMIT = 30.0

@@ -29,9 +29,6 @@ from shared.events import (
     DEVICESESSION_EVENTS,
     REVOCATIONS_APPLIED,
     SESSIONS_REVOKED,
-    PasswordChanged,
-    PasswordsChanged,
-    RevocationApplied,
 )
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -76,7 +73,6 @@ def auth_consumer(app: web.Application) -> ConsumerRunner:
     return ConsumerRunner(
         bootstrap=s.kafka_bootstrap_servers, group=s.group("devicesession.revoker"), topics=[s.topic(AUTH_EVENTS)],
         handler=events.make_auth_handler(app[routes.TOPICS]), producer=app[PRODUCER], pool=app[POOL],
-        types=[PasswordChanged.TYPE, PasswordsChanged.TYPE],
     )
 
 
@@ -84,8 +80,7 @@ def ack_consumer(app: web.Application) -> ConsumerRunner:
     s = app[SETTINGS]
     return ConsumerRunner(
         bootstrap=s.kafka_bootstrap_servers, group=s.group("devicesession.acks"),
-        topics=[s.topic(REVOCATIONS_APPLIED)], handler=events.handle_ack, producer=app[PRODUCER], pool=app[POOL],
-        types=[RevocationApplied.TYPE],
+        topics=[s.topic(REVOCATIONS_APPLIED)], handler=events.ACKS, producer=app[PRODUCER], pool=app[POOL],
     )
 
 

@@ -199,3 +199,32 @@ def test_plex_parameters_come_from_headers_then_query_then_form(header: str | No
     expected = next((v for v in (header, query, form) if v is not None), None)
     got = _ask(header, query, form)
     assert got == ((expected.strip() or None) if expected is not None else None)
+
+
+# ------------------------------------------------------------------ typed dispatch
+
+
+def test_dispatch_decodes_into_the_registered_type_and_counts_the_unknown() -> None:
+    from shared.dispatch import UNKNOWN, EventHandlers
+
+    seen: list[object] = []
+
+    async def on_created(conn: object, ev: events.AccountCreated, env: events.Envelope) -> None:
+        seen.append(ev)
+
+    handlers = EventHandlers("unit.dispatch", {events.AccountCreated: on_created},
+                             ignored=[events.PasswordResetRequested])
+    created = events.envelope(events.AccountCreated(account_id="a", email="e@x", username="u"), producer="t", key="a")
+    future = events.Envelope(id=uuid.uuid4(), type="thing.invented_later", occurred_at=events.utcnow(),
+                             producer="t", key="k", data={})
+    before = UNKNOWN.labels("unit.dispatch", "thing.invented_later")._value.get()
+
+    async def run() -> None:
+        await handlers(None, created)
+        await handlers(None, future)
+
+    asyncio.run(run())
+    assert seen == [events.AccountCreated(account_id="a", email="e@x", username="u")]
+    assert UNKNOWN.labels("unit.dispatch", "thing.invented_later")._value.get() == before + 1
+    with pytest.raises(ValueError):
+        EventHandlers("unit.bad", {events.AccountCreated: on_created}, ignored=[events.AccountCreated])
