@@ -14,7 +14,7 @@ from services.auth.minting import MintBatcher
 from services.auth.service import Auth
 from services.auth.settings import Settings
 from shared import plex
-from shared.app import SETTINGS, client_address, json_object
+from shared.app import SettingsOf, client_address, json_object
 from shared.errors import HearthError, MissingClientIdentifier, NotFound, ValidationFailed
 from shared.holder import HOLDER, Principal
 from shared.internal import InternalClient, require_internal
@@ -26,10 +26,7 @@ MINTER = web.AppKey("minter", MintBatcher)
 BACKGROUND = web.AppKey("background", set)
 
 
-def _settings(request: web.Request) -> Settings:
-    s = request.app[SETTINGS]
-    assert isinstance(s, Settings)
-    return s
+_settings = SettingsOf(Settings)
 
 
 def _is_internal(request: web.Request) -> bool:

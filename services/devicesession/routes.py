@@ -15,7 +15,7 @@ from services.devicesession import service, store
 from services.devicesession.errors import DeviceNotFound, HolderUnauthorized, InvalidMint, InvalidToken
 from services.devicesession.settings import Settings
 from shared import plex
-from shared.app import POOL, SETTINGS, json_object
+from shared.app import POOL, SettingsOf, json_object
 from shared.errors import NotFound, ValidationFailed
 from shared.holder import holder_secret
 from shared.internal import require_internal
@@ -27,10 +27,7 @@ TOUCHES = web.AppKey("touches", dict)
 MINT_POOL = web.AppKey("mint_pool", asyncpg.Pool)
 
 
-def _settings(request: web.Request) -> Settings:
-    s = request.app[SETTINGS]
-    assert isinstance(s, Settings)
-    return s
+_settings = SettingsOf(Settings)
 
 
 def _internal(request: web.Request) -> None:

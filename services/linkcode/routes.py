@@ -14,7 +14,7 @@ from services.linkcode.errors import CodeNotFound
 from services.linkcode.service import LinkCodes
 from services.linkcode.settings import Settings
 from shared import plex
-from shared.app import SETTINGS, client_address, json_object
+from shared.app import SettingsOf, client_address, json_object
 from shared.errors import Unauthorized, ValidationFailed
 from shared.holder import HOLDER, Principal
 from shared.internal import require_internal
@@ -22,10 +22,7 @@ from shared.internal import require_internal
 LINKCODES = web.AppKey("linkcodes", LinkCodes)
 
 
-def _settings(request: web.Request) -> Settings:
-    s = request.app[SETTINGS]
-    assert isinstance(s, Settings)
-    return s
+_settings = SettingsOf(Settings)
 
 
 def _iso(dt: datetime) -> str:

@@ -16,6 +16,7 @@ from shared.app import (
     POOL,
     PRODUCER,
     SETTINGS,
+    SettingsOf,
     add_ready_check,
     base_app,
     consumer_ctx,
@@ -31,10 +32,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 SENDER = web.AppKey("sender", Sender)
 
 
-def _settings(app: web.Application) -> Settings:
-    s = app[SETTINGS]
-    assert isinstance(s, Settings)
-    return s
+_settings = SettingsOf(Settings)
 
 
 async def sender_ctx(app: web.Application) -> AsyncIterator[None]:

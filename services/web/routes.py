@@ -20,7 +20,7 @@ import aiohttp_jinja2
 from aiohttp import web
 
 from services.web.settings import Settings
-from shared.app import SETTINGS, client_address
+from shared.app import SettingsOf, client_address
 from shared.errors import Forbidden, HearthError
 from shared.holder import HOLDER, Principal
 from shared.internal import InternalClient
@@ -37,10 +37,7 @@ _PRINCIPAL = web.RequestKey("principal", object)
 _NEW_CSRF = web.RequestKey("new_csrf", str)
 
 
-def _settings(request: web.Request) -> Settings:
-    s = request.app[SETTINGS]
-    assert isinstance(s, Settings)
-    return s
+_settings = SettingsOf(Settings)
 
 
 def _secure(request: web.Request) -> bool:
