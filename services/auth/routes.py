@@ -18,6 +18,7 @@ from shared.app import SettingsOf, client_address, json_object
 from shared.errors import HearthError, MissingClientIdentifier, NotFound, ValidationFailed
 from shared.holder import HOLDER, Principal
 from shared.internal import InternalClient, require_internal
+from shared.principal import token_principal
 from shared.tokens import same
 
 AUTH = web.AppKey("auth", Auth)
@@ -92,12 +93,7 @@ async def _mint(request: web.Request, account: store.Account, remember: bool) ->
     return str(answer["token"])
 
 
-async def _principal(request: web.Request) -> tuple[Principal, str]:
-    token = await plex.param(request, "X-Plex-Token")
-    principal = await request.app[HOLDER].validate(token)
-    if principal is None or token is None:
-        raise InvalidToken()
-    return principal, token
+_principal = token_principal
 
 
 async def _account_of(request: web.Request) -> tuple[store.Account, Principal, str]:
