@@ -52,41 +52,19 @@ def _web() -> web.Application:
     return create_app(Settings(**COMMON, csrf_secret=secrets.token_urlsafe(32)))
 
 
-async def _client(factory: Callable[[], web.Application]) -> AsyncIterator[TestClient]:
-    app = factory()
-    app.cleanup_ctx.clear()  # no resources: whatever needs one would fail loudly
+FACTORIES: dict[str, Callable[[], web.Application]] = {
+    "auth": _auth, "devicesession": _devicesession, "linkcode": _linkcode, "notification": _notification,
+    "web": _web,
+}
+
+
+@pytest.fixture
+async def service(request: pytest.FixtureRequest) -> AsyncIterator[TestClient]:
+    """The service named by the test's ``app`` mark, with no resources: whatever needs one fails loudly."""
+    app = FACTORIES[request.node.get_closest_marker("app").args[0]]()
+    app.cleanup_ctx.clear()
     async with TestClient(TestServer(app)) as client:
         yield client
-
-
-@pytest.fixture
-async def auth() -> AsyncIterator[TestClient]:
-    async for c in _client(_auth):
-        yield c
-
-
-@pytest.fixture
-async def devicesession() -> AsyncIterator[TestClient]:
-    async for c in _client(_devicesession):
-        yield c
-
-
-@pytest.fixture
-async def linkcode() -> AsyncIterator[TestClient]:
-    async for c in _client(_linkcode):
-        yield c
-
-
-@pytest.fixture
-async def notification() -> AsyncIterator[TestClient]:
-    async for c in _client(_notification):
-        yield c
-
-
-@pytest.fixture
-async def webapp() -> AsyncIterator[TestClient]:
-    async for c in _client(_web):
-        yield c
 
 
 async def plex_error(resp: Any) -> tuple[int, int]:
@@ -97,51 +75,56 @@ async def plex_error(resp: Any) -> tuple[int, int]:
 JSON = {"Accept": "application/json"}
 
 
-async def test_auth_refuses_bad_input_before_touching_anything(auth: TestClient) -> None:
-    r = await auth.post("/api/v2/users/signin", data={"login": "a", "password": "b"}, headers=JSON)
+@pytest.mark.app("auth")
+async def test_auth_refuses_bad_input_before_touching_anything(service: TestClient) -> None:
+    r = await service.post("/api/v2/users/signin", data={"login": "a", "password": "b"}, headers=JSON)
     assert await plex_error(r) == (400, 1000)  # no X-Plex-Client-Identifier
-    r = await auth.post("/api/v2/users/signin", data={"login": "a", "password": "b", "rememberMe": "maybe"},
+    r = await service.post("/api/v2/users/signin", data={"login": "a", "password": "b", "rememberMe": "maybe"},
                         headers={**JSON, "X-Plex-Client-Identifier": "c"})
     assert (await plex_error(r))[0] == 400
-    r = await auth.post("/api/v2/users", data="x" * 10_000, headers={**JSON, "Content-Type": "text/plain"})
+    r = await service.post("/api/v2/users", data="x" * 10_000, headers={**JSON, "Content-Type": "text/plain"})
     assert (await plex_error(r))[0] in (413, 415)
-    r = await auth.post("/api/v2/users", data=b"[1,2]", headers={**JSON, "Content-Type": "application/json"})
+    r = await service.post("/api/v2/users", data=b"[1,2]", headers={**JSON, "Content-Type": "application/json"})
     assert (await plex_error(r))[0] == 400
-    r = await auth.get("/api/v2/nothing-here", headers=JSON)
+    r = await service.get("/api/v2/nothing-here", headers=JSON)
     assert await plex_error(r) == (404, 1404)
-    r = await auth.get("/api/v2/users/signin")  # XML by default, Plex's errors shape
+    r = await service.get("/api/v2/users/signin")  # XML by default, Plex's errors shape
     assert r.status == 405 and (await r.text()).startswith("<?xml") and "<errors>" in await r.text()
 
 
-async def test_devicesession_internal_and_holder_routes_need_their_credentials(devicesession: TestClient) -> None:
-    r = await devicesession.post("/internal/sessions/revoke", json={"token": "x"})
+@pytest.mark.app("devicesession")
+async def test_devicesession_internal_and_holder_routes_need_their_credentials(service: TestClient) -> None:
+    r = await service.post("/internal/sessions/revoke", json={"token": "x"})
     assert r.status == 401 and (await r.json(content_type=None))["status"] == 401  # problem JSON
-    r = await devicesession.post("/oauth/introspect", data={"token": "x"})
+    r = await service.post("/oauth/introspect", data={"token": "x"})
     body = await r.json()
     assert r.status == 401 and body["error"] and "WWW-Authenticate" in r.headers  # OAuth error JSON
-    r = await devicesession.post("/oauth/introspect", data={"token": "x"},
+    r = await service.post("/oauth/introspect", data={"token": "x"},
                                  headers={"Authorization": "Basic !!!not-base64"})
     assert r.status == 401
 
 
-async def test_linkcode_refuses_bad_input_before_touching_anything(linkcode: TestClient) -> None:
-    r = await linkcode.post("/api/v2/pins?strong=maybe", headers={**JSON, "X-Plex-Client-Identifier": "c"})
+@pytest.mark.app("linkcode")
+async def test_linkcode_refuses_bad_input_before_touching_anything(service: TestClient) -> None:
+    r = await service.post("/api/v2/pins?strong=maybe", headers={**JSON, "X-Plex-Client-Identifier": "c"})
     assert (await plex_error(r))[0] == 400
-    r = await linkcode.get("/api/v2/pins/not-a-number", headers=JSON)
+    r = await service.get("/api/v2/pins/not-a-number", headers=JSON)
     assert await plex_error(r) == (404, 1020)
-    r = await linkcode.put("/api/v2/pins/link", data="x" * 10_000, headers={**JSON, "Content-Type": "text/plain"})
+    r = await service.put("/api/v2/pins/link", data="x" * 10_000, headers={**JSON, "Content-Type": "text/plain"})
     assert (await plex_error(r))[0] in (413, 415)
 
 
-async def test_notification_internal_route_needs_the_secret(notification: TestClient) -> None:
-    r = await notification.get("/internal/incidents/x/deliveries")
+@pytest.mark.app("notification")
+async def test_notification_internal_route_needs_the_secret(service: TestClient) -> None:
+    r = await service.get("/internal/incidents/x/deliveries")
     assert r.status == 401
 
 
-async def test_web_forms_need_csrf_and_pages_render_signed_out(webapp: TestClient) -> None:
-    r = await webapp.get("/signin")
+@pytest.mark.app("web")
+async def test_web_forms_need_csrf_and_pages_render_signed_out(service: TestClient) -> None:
+    r = await service.get("/signin")
     assert r.status == 200 and 'name="csrf_token"' in await r.text()
-    r = await webapp.post("/signin", data={"login": "a", "password": "b"})
+    r = await service.post("/signin", data={"login": "a", "password": "b"})
     assert r.status == 403
-    r = await webapp.get("/account", allow_redirects=False)
+    r = await service.get("/account", allow_redirects=False)
     assert r.status == 303 and r.headers["Location"].startswith("/signin")

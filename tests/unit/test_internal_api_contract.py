@@ -8,12 +8,10 @@ import re
 import pytest
 
 from tests.conftest import ROOT
-from tests.unit.test_apps import _auth, _devicesession, _linkcode, _notification, _web
+from tests.unit.test_apps import FACTORIES
 
 pytestmark = pytest.mark.unit
 
-FACTORIES = {"auth": _auth, "devicesession": _devicesession, "linkcode": _linkcode, "notification": _notification,
-             "web": _web}
 HEADING = re.compile(r"^### .*?: (.*)$")
 ROUTE = re.compile(r"`(GET|POST|PUT|DELETE|PATCH) (/internal/[^`?]*)")
 
