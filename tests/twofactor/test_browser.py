@@ -42,6 +42,10 @@ async def password_step(stack: Stack, page: Page, login: str, password: str) -> 
 async def test_enroll_with_the_qr_page_then_sign_in_with_the_second_step(stack: Stack, browser: Browser) -> None:  # noqa: F811
     context, page = await new_page(browser)
     user = await sign_up_in_browser(stack, page)
+    # another device, signed in through the Plex API: "Sign out all other devices" (ticked) ends it
+    status, other, _ = await edge_json(stack, "POST", "/api/v2/users/signin",
+                                       data={"login": user["username"], "password": user["password"]})
+    assert status == 201
     await page.click("text=Set up two-step verification")
     await page.wait_for_selector("#qr svg")
     await shot(page, "two-factor-qr")
@@ -61,6 +65,8 @@ async def test_enroll_with_the_qr_page_then_sign_in_with_the_second_step(stack: 
     await page.wait_for_selector("#recovery-codes")
     codes = [c.strip() for c in await page.locator("#recovery-codes code").all_inner_texts()]
     assert len(codes) == 10
+    assert "1 other session signed out" in await page.inner_text("main")
+    assert await user_status(stack, other["authToken"]) == 401
     await shot(page, "two-factor-recovery-codes")
     async with page.expect_download() as info:
         await page.click("#download-codes")
