@@ -194,8 +194,7 @@ class Auth:
             raise BadCredentials()
         if failures_recorded:
             await throttle.clear(self.pool, login_scope)
-        if await self.two_factor.enabled(account.id):
-            await self.two_factor.verify(account, verification_code)
+        await self.two_factor.check_sign_in(account, verification_code)
         if account.reset_required_at is not None:
             raise ResetRequired()
         if result.needs_rehash:

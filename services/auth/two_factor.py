@@ -341,7 +341,17 @@ class TwoFactor:
     async def _clear(self, account_id: uuid.UUID) -> None:
         await self.pool.execute("DELETE FROM throttles WHERE scope = $1", self._scope(account_id))
 
-    async def verify(self, account: store.Account, code: str | None, *, emit_recovery: bool = True) -> str:
+    async def check_sign_in(self, account: store.Account, code: str | None) -> bool:
+        """The sign-in's second factor: False when the account has none; else accepts the code or
+        raises (TwoFactorRequired, WrongVerificationCode, SignInThrottled). One query when off."""
+        row = await _status(self.pool, account.id)
+        if row is None or row["enabled_at"] is None:
+            return False
+        await self.verify(account, code, row=row)
+        return True
+
+    async def verify(self, account: store.Account, code: str | None, *, emit_recovery: bool = True,
+                     row: asyncpg.Record | None = None) -> str:
         """Accept a current TOTP code (once per time step) or an unused recovery code; returns
         ``totp`` or ``recovery``. Raises TwoFactorRequired, WrongVerificationCode, SignInThrottled."""
         code = (code or "").strip()
@@ -352,7 +362,7 @@ class TwoFactor:
         await self._reserve(account.id)
         compact = code.replace(" ", "")
         if _TOTP.match(compact):
-            row = await _status(self.pool, account.id)
+            row = row or await _status(self.pool, account.id)
             if row is None or row["enabled_at"] is None:
                 raise WrongVerificationCode()
             try:
