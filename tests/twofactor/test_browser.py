@@ -15,7 +15,7 @@ import pytest
 from playwright.async_api import Browser, Page
 
 from deploy.launcher import Stack
-from tests.auth.test_auth import user_status
+from tests.auth.test_auth import auth_db, user_status
 from tests.conftest import edge_json, eventually
 from tests.web.test_pages import browser, new_page, shot, sign_up_in_browser  # noqa: F401 - the fixture
 
@@ -223,4 +223,22 @@ async def test_passkey_challenges_are_single_use(stack: Stack, browser: Browser)
                 "csrf_token": dict(x.split("=", 1) for x in captured[0].split("&"))["csrf_token"],
                 "credential": '{"id":"AAAA","rawId":"AAAA","type":"public-key","response":{}}'}) as r:
             assert r.status in (400, 401)
+    # an expired challenge: the authenticator signs it, the server refuses it
+    await sign_out(stack, page)
+    await page.unroute("**/signin/passkey")
+
+    async def expire_first(route) -> None:  # type: ignore[no-untyped-def]
+        conn = await auth_db(stack)
+        try:
+            await conn.execute("UPDATE webauthn_challenges SET expires_at = now() - interval '1 second'"
+                               " WHERE purpose = 'authenticate'")
+        finally:
+            await conn.close()
+        await route.continue_()
+
+    await page.route("**/signin/passkey", expire_first)
+    await page.click("#passkey-signin-button")
+    error = page.locator("#passkey-signin-error")
+    await error.wait_for(state="visible")
+    assert page.url.endswith("/signin")
     await context.close()
