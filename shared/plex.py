@@ -66,7 +66,21 @@ async def json_object(request: web.Request) -> dict[str, Any]:
         raise ValidationFailed("the body must be JSON") from None
     if not isinstance(body, dict):
         raise ValidationFailed("the body must be a JSON object")
+    _no_nul(body)
     return body
+
+
+def _no_nul(value: Any, name: str = "body") -> None:
+    """No string anywhere in a JSON body holds a NUL (PostgreSQL text cannot)."""
+    if isinstance(value, str):
+        check_text(name, value, single_line=False)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_text(str(k), str(k), single_line=False)
+            _no_nul(v, str(k))
+    elif isinstance(value, list):
+        for v in value:
+            _no_nul(v, name)
 
 
 def check_text(name: str, value: str, *, single_line: bool = True) -> str:

@@ -46,7 +46,7 @@ from shared.events import (
     iso,
     utcnow,
 )
-from shared.passwords import Passwords
+from shared.passwords import Passwords, VerifyResult
 
 PRODUCER = "auth"
 T = TypeVar("T")
@@ -127,6 +127,9 @@ class Auth:
         self.sealer = Sealer(settings.seal_keys.get_secret_value())
         self.topics = topics
         self.key = settings.hmac_key()
+        from services.auth.two_factor import TwoFactor
+
+        self.two_factor = TwoFactor(self, settings.two_factor_seal_keys.get_secret_value())
 
     # ------------------------------------------------------------------ accounts
 
@@ -190,34 +193,65 @@ class Auth:
         """A right password: the account's failures are forgiven, the address's reserved attempt taken back."""
         await throttle.settle(self.pool, scopes[0][0], scopes[1:])
 
-    async def authenticate(self, login: str | None, password: str | None, address: str) -> store.Account:
-        """Check credentials with throttling; raises BadCredentials, SignInThrottled, ResetRequired."""
+    async def authenticate(self, login: str | None, password: str | None, address: str,
+                           verification_code: str | None = None) -> store.Account:
+        """Check credentials with throttling; raises BadCredentials, SignInThrottled, ResetRequired, and
+        for an account with two-step verification TwoFactorRequired / WrongVerificationCode (1029)."""
         if not login or not password or len(login) > 254 or len(password) > MAX_PASSWORD:
             raise BadCredentials()
         login_norm = normalise_login(login)
         account = await store.find_by_login(self.pool, login_norm)
         scopes = self._signin_scopes(account, login_norm, address)
         await self._reserve(scopes)
+        result: VerifyResult | None = None
         try:
             if account is None:
                 await self.passwords.verify_dummy(password)
-                ok = False
             else:
                 result = await self.passwords.verify(account.password_hash, password)
-                ok = result.ok
+                # Old apps append the 6-digit code to the password: a second verify, within this reservation.
+                if not result.ok and not verification_code:
+                    password, verification_code, result = await self._appended_code(account, password, result)
         except BaseException:
             await throttle.release(self.pool, scopes)
             raise
-        if not ok or account is None:
+        if account is None or result is None or not result.ok:
             await self._failed(scopes)
             raise BadCredentials()
         await self._succeeded(scopes)
+        await self.two_factor.check_sign_in(account, verification_code)
         if account.reset_required_at is not None:
             raise ResetRequired()
         if result.needs_rehash:
             await store.update_password_hash(self.pool, account.id, account.password_hash,
                                              await self.passwords.hash(password))
         return account
+
+    async def _appended_code(self, account: store.Account, password: str, result: VerifyResult
+                             ) -> tuple[str, str | None, VerifyResult]:
+        """Old apps send the password with the 6-digit code appended: for a 2FA account whose whole
+        password did not verify, try the password without its last 6 digits."""
+        split = self.two_factor.split_appended(password)
+        if split is None or not await self.two_factor.enabled(account.id):
+            return password, None, result
+        retry = await self.passwords.verify(account.password_hash, split[0])
+        return (split[0], split[1], retry) if retry.ok else (password, None, result)
+
+    async def confirm_password(self, account: store.Account, password: str | None, address: str) -> None:
+        """The current password for a sensitive change, throttled like sign-in (the same reservations)."""
+        if not password or len(password) > MAX_PASSWORD:
+            raise BadCredentials("the password is wrong", field="password")
+        scopes = self._signin_scopes(account, account.username.lower(), address)
+        await self._reserve(scopes)
+        try:
+            ok = (await self.passwords.verify(account.password_hash, password)).ok
+        except BaseException:
+            await throttle.release(self.pool, scopes)
+            raise
+        if not ok:
+            await self._failed(scopes)
+            raise BadCredentials("the password is wrong", field="password")
+        await self._succeeded(scopes)
 
     # ------------------------------------------------------------------ reset by email
 
