@@ -7,6 +7,7 @@ relying-party id, and PUBLIC_BASE_URL gives it. Screenshots go to artifacts/scre
 
 from __future__ import annotations
 
+import re
 import time
 
 import aiohttp
@@ -96,8 +97,10 @@ async def test_enroll_with_the_qr_page_then_sign_in_with_the_second_step(stack: 
     await shot(page, "signin-second-step-done")
 
     # the pending sign-in was single use: replaying its cookie with a valid recovery code fails
-    csrf = await page.get_attribute("input[name=csrf_token]", "value")
     async with aiohttp.ClientSession(cookies={"hearth_pending": pending, "hearth_csrf": cookies["hearth_csrf"]}) as h:
+        # A form token of this browser while signed out (a signed-in page's token is bound to its session).
+        async with h.get(stack.edge_url + "/signin") as r:
+            csrf = re.search(r'name="csrf_token" value="([^"]+)"', await r.text()).group(1)  # type: ignore[union-attr]
         async with h.post(stack.edge_url + "/signin/code", data={"csrf_token": csrf, "code": codes[0]},
                           allow_redirects=False) as r:
             assert r.status == 400 and "expired" in await r.text()
