@@ -1,13 +1,20 @@
 """Kafka producer wrapper and topic set-up (aiokafka).
 
 The producer is idempotent with ``acks=all``: a retried send cannot duplicate or reorder records
-within a partition, which the outbox relay relies on for per-key order.
+within a partition, which the outbox relay relies on for per-key order. With topics at replication
+factor 3 and ``min.insync.replicas=2`` (the cluster topology, production), an acknowledged record
+is on at least two brokers, so losing any one broker loses nothing acknowledged.
+
+Topics created at start get ``TOPIC_REPLICATION_FACTOR`` replicas (default 1, single broker) and,
+when ``TOPIC_MIN_INSYNC_REPLICAS`` is set, that topic-level ``min.insync.replicas``. The same
+variables are read by every process that creates topics (services, holder kits, ``hearth`` commands).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Iterable
 
 from aiokafka import AIOKafkaProducer
@@ -50,8 +57,19 @@ async def publish(producer: AIOKafkaProducer, topic: str, env: Envelope) -> None
     await producer.send_and_wait(topic, env.encode(), key=env.key.encode(), headers=env.headers())
 
 
-async def ensure_topics(bootstrap: str, topics: Iterable[str], *, partitions: int = 4) -> None:
+def replication() -> tuple[int, dict[str, str]]:
+    """(replication factor, topic configs) for topics created here, from the environment."""
+    rf = int(os.environ.get("TOPIC_REPLICATION_FACTOR", "1") or 1)
+    min_isr = os.environ.get("TOPIC_MIN_INSYNC_REPLICAS", "").strip()
+    return rf, ({"min.insync.replicas": str(int(min_isr))} if min_isr else {})
+
+
+async def ensure_topics(bootstrap: str, topics: Iterable[str], *, partitions: int = 4,
+                        replication_factor: int | None = None) -> None:
     """Create topics that do not exist yet. Idempotent; tolerates concurrent creators."""
+    rf, configs = replication()
+    if replication_factor is not None:
+        rf = replication_factor
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15_000)
     for i in range(60):
         try:
@@ -64,7 +82,7 @@ async def ensure_topics(bootstrap: str, topics: Iterable[str], *, partitions: in
     try:
         existing = set(await admin.list_topics())
         new = [
-            NewTopic(name=t, num_partitions=partitions, replication_factor=1)
+            NewTopic(name=t, num_partitions=partitions, replication_factor=rf, topic_configs=dict(configs))
             for t in dict.fromkeys(topics)
             if t not in existing
         ]

@@ -72,6 +72,8 @@ def stack_obj() -> Iterator[Stack]:
         holders=TEST_HOLDERS if (ROOT / "services" / "holder" / "cli.py").exists() else (),
         topic_prefix=prefix,
         fast_db=True,
+        # Every fan-out test runs against two instances of each holder (issue 17).
+        holder_instances=2,
         extra_env={
             **extra,
             "DB_NAME_PREFIX": f"t{RUN_ID}_",

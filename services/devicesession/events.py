@@ -5,7 +5,8 @@ acknowledgements.
   the account except ``keep_session_id`` in one statement and publish one ``sessions.revoked``.
 - ``auth.events`` / ``passwords.changed`` (the breach command's batch form): revoke every session of
   every listed account in one statement; one ``sessions.revoked`` naming the accounts.
-- ``revocations.applied``: store each holder's acknowledgement (the fan-out view).
+- ``revocations.applied``: store each holder instance's acknowledgement (the fan-out view), and
+  when each instance was first and last heard of (``holder_instances``).
 
 All run in the ConsumerRunner's transaction with its processed-events marker, and the revocation is
 also unique on its causing event id: a redelivered event revokes nothing twice and publishes nothing.
@@ -55,4 +56,5 @@ def make_auth_handler(topics: service.Topics):  # type: ignore[no-untyped-def]
 
 async def handle_ack(conn: asyncpg.Connection, env: Envelope) -> None:
     ack = decode_data(env, RevocationApplied)
-    await store.insert_ack(conn, uuid.UUID(ack.revocation_id), ack.holder_id[:200], parse_time(ack.applied_at))
+    await store.insert_ack(conn, uuid.UUID(ack.revocation_id), ack.holder_id[:200], parse_time(ack.applied_at),
+                           ack.instance_id[:200])
