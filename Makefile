@@ -5,6 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# make run TOPOLOGY=cluster: three Kafka brokers, two replicas of every service, two instances of each holder
+TOPOLOGY ?= single
 
 .PHONY: run test lint bench setup setup-test infra clean fetch
 
@@ -23,7 +25,7 @@ setup-test: $(STAMP)
 	@$(BIN)/python -m deploy.launcher fetch
 
 run: setup
-	$(BIN)/python -m deploy.launcher run
+	$(BIN)/python -m deploy.launcher run --topology $(TOPOLOGY)
 
 infra: setup
 	$(BIN)/python -m deploy.launcher infra

@@ -32,7 +32,8 @@ no rebalances (a sibling starting or dying never pauses this one), and leaves no
 - A failing handler is retried with exponential backoff a bounded number of times, then the record
   is published to the group's dead-letter topic with the error in its headers and the runner moves
   on; a record that cannot even be decoded goes there at once. One poison message never stops the
-  events behind it.
+  events behind it. An unreachable database (a restart, a failover) is not the record's fault: such
+  failures are retried without limit and never dead-letter an event.
 - Shutdown finishes the batch in hand, commits, and leaves the group.
 - Handlers are coroutines: nothing blocking runs on the event loop.
 """
@@ -344,6 +345,13 @@ class ConsumeLoop:
         return all(self.consumer.last_poll_timestamp(tp) is not None for tp in self._expected)
 
 
+def infrastructure_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database (or the network) is unavailable, not that the event is bad."""
+    return isinstance(exc, (OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+                            asyncpg.CannotConnectNowError, asyncpg.AdminShutdownError,
+                            asyncpg.ConnectionDoesNotExistError))
+
+
 class ConsumerRunner:
     """Consumes ``topics`` in ``group`` and applies ``handler`` to each decoded envelope.
 
@@ -419,7 +427,10 @@ class ConsumerRunner:
         try:
             EVENT_AGE.labels(self.group).observe(max(0.0, time.time() - env.occurred_at.timestamp()))
             last_error = ""
-            for attempt in range(1, self.max_attempts + 1):
+            attempt = 0
+            outage = 0
+            while attempt < self.max_attempts:
+                attempt += 1
                 started = time.perf_counter()
                 try:
                     outcome = await self._apply(env)
@@ -430,6 +441,15 @@ class ConsumerRunner:
                     raise
                 except Exception as exc:
                     last_error = f"{type(exc).__name__}: {exc}"
+                    if infrastructure_failure(exc):
+                        # Wait for the database to come back; this does not use up the event's attempts.
+                        attempt -= 1
+                        outage += 1
+                        if outage in (1, 10) or outage % 100 == 0:
+                            log.warning("database unavailable; event held until it is back",
+                                        extra={"group": self.group, "type": env.type, "error": last_error})
+                        await asyncio.sleep(min(2.0, 0.1 * outage) * (0.5 + random.random() / 2))
+                        continue
                     log.warning(
                         "event handler failed",
                         extra={"group": self.group, "type": env.type, "attempt": attempt, "error": last_error},
