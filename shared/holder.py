@@ -64,6 +64,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from shared import kafka
 from shared.consumer import ConsumeLoop
+from shared.errors import Unavailable
 from shared.events import (
     REVOCATIONS_APPLIED,
     SESSIONS_REVOKED,
@@ -106,6 +107,10 @@ def holder_secret(master: str, holder_id: str) -> str:
     """The introspection credential of ``holder_id``, derived from the master HOLDER_SECRET."""
     mac = hmac.new(master.encode(), b"holder:" + holder_id.encode(), hashlib.sha256).digest()
     return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+
+
+class IntrospectionUnavailable(Unavailable):
+    """devicesession could not be asked (down, restarting, overloaded): answer 503, retry later."""
 
 
 @dataclass(frozen=True)
@@ -248,11 +253,18 @@ class HolderKit:
         return await self._introspect(token)
 
     async def _introspect(self, token: str) -> Principal | None:
+        """Ask devicesession. Raises :class:`IntrospectionUnavailable` (a 503 in Hearth's services)
+        when it cannot answer: a holder never guesses about a token."""
         assert self._session is not None, "HolderKit.start() was not called"
-        async with self._session.post(self.introspect_url, data={"token": token}, auth=self.auth) as resp:
-            if resp.status != 200:
-                raise RuntimeError(f"introspection failed with HTTP {resp.status}")
-            body = await resp.json()
+        try:
+            async with self._session.post(self.introspect_url, data={"token": token}, auth=self.auth) as resp:
+                if resp.status != 200:
+                    log.warning("introspection failed", extra={"holder": self.holder_id, "status": resp.status})
+                    raise IntrospectionUnavailable()
+                body = await resp.json()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("introspection failed", extra={"holder": self.holder_id, "error": type(exc).__name__})
+            raise IntrospectionUnavailable() from exc
         if not body.get("active"):
             return None
         return Principal(
