@@ -93,3 +93,39 @@ async def ensure_topics(bootstrap: str, topics: Iterable[str], *, partitions: in
                 pass
     finally:
         await admin.close()
+
+
+# Consumer groups of Hearth's services; each has a dead-letter topic ``<group>.dlq``.
+SERVICE_GROUPS = ("devicesession.revoker", "devicesession.acks", "linkcode.revocations", "notification")
+
+
+async def create_all(bootstrap: str, *, prefix: str = "", partitions: int = 12, replication_factor: int = 3,
+                     min_insync: int = 2) -> list[str]:
+    """Every topic Hearth uses, at a production replication policy (the Kubernetes topics Job)."""
+    from shared.events import ALL_TOPICS, dead_letter_topic
+
+    os.environ["TOPIC_MIN_INSYNC_REPLICAS"] = str(min_insync)
+    topics = [prefix + t for t in ALL_TOPICS] + [dead_letter_topic(prefix + g) for g in SERVICE_GROUPS]
+    await ensure_topics(bootstrap, topics, partitions=partitions, replication_factor=replication_factor)
+    return topics
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m shared.kafka``: create every topic with a production replication policy."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m shared.kafka", description=main.__doc__)
+    p.add_argument("--bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"))
+    p.add_argument("--prefix", default=os.environ.get("TOPIC_PREFIX", ""))
+    p.add_argument("--partitions", type=int, default=int(os.environ.get("TOPIC_PARTITIONS", "12")))
+    p.add_argument("--replication-factor", type=int, default=3)
+    p.add_argument("--min-insync-replicas", type=int, default=2)
+    a = p.parse_args(argv)
+    topics = asyncio.run(create_all(a.bootstrap, prefix=a.prefix, partitions=a.partitions,
+                                    replication_factor=a.replication_factor, min_insync=a.min_insync_replicas))
+    print(f"{len(topics)} topics present: {', '.join(topics)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -217,13 +217,39 @@ async def refused_everywhere(stack: Stack, http: aiohttp.ClientSession, tokens: 
 
 async def check_changes(stack: Stack, record: Record, http: aiohttp.ClientSession, changes: list[Change]) -> None:
     """Exactly once: one revocation per committed change, and its old tokens refused by every instance."""
-    for c in changes:
-        await eventually(lambda c=c: c.event_id in record.by_cause, timeout=30)
+    try:
+        await eventually(lambda: all(c.event_id in record.by_cause for c in changes), timeout=30)
+    except AssertionError:
+        lost = [c.event_id for c in changes if c.event_id not in record.by_cause]
+        raise AssertionError(f"no revocation for {lost}: {await diagnose(stack, lost)}") from None
     await asyncio.sleep(1.0)  # a duplicate would have arrived by now
     dupes = {c.event_id: record.by_cause[c.event_id] for c in changes if len(record.by_cause[c.event_id]) != 1}
     assert not dupes, dupes
     tokens = [t for c in changes for t in c.old_tokens]
     await eventually(lambda: refused_everywhere(stack, http, tokens), timeout=10)
+
+
+async def diagnose(stack: Stack, event_ids: list[str]) -> dict[str, object]:
+    """Where the events of committed changes are: auth's outbox, devicesession's processed events."""
+    import asyncpg
+
+    from shared.settings import with_database
+
+    prefix = stack.extra_env["DB_NAME_PREFIX"]
+    out: dict[str, object] = {}
+    auth = await asyncpg.connect(with_database(stack.database_url, f"{prefix}hearth_auth"))
+    ds = await asyncpg.connect(with_database(stack.database_url, f"{prefix}hearth_devicesession"))
+    try:
+        for eid in event_ids:
+            row = await auth.fetchrow("SELECT id, published_at, created_at FROM outbox WHERE event_id = $1::uuid", eid)
+            seen = await ds.fetch("SELECT consumer, processed_at FROM processed_events WHERE event_id = $1::uuid", eid)
+            rev = await ds.fetchrow("SELECT id, revoked FROM revocations WHERE causing_event_id = $1::uuid", eid)
+            out[eid] = {"outbox": dict(row) if row else None, "processed": [dict(r) for r in seen],
+                        "revocation": dict(rev) if rev else None}
+    finally:
+        await auth.close()
+        await ds.close()
+    return out
 
 
 def ready_status(port: int) -> int:
