@@ -15,6 +15,7 @@ also unique on its causing event id: a redelivered event revokes nothing twice a
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 
 import asyncpg
 
@@ -27,6 +28,8 @@ from shared.events import (
     decode_data,
     parse_time,
 )
+
+ISSUE_MARGIN = timedelta(milliseconds=50)
 
 
 def _uuid(value: str | None) -> uuid.UUID | None:
@@ -41,8 +44,12 @@ def make_auth_handler(topics: service.Topics):  # type: ignore[no-untyped-def]
             ev = decode_data(env, PasswordChanged)
             if not ev.revoke_sessions:
                 return
+            # Sessions signed in after the change (with the new password) are not the change's to revoke,
+            # even when its event arrives late (a consumer replica died, a broker failed over). The
+            # margin absorbs clock skew between auth's host and the database (NTP keeps it far below).
             await service.revoke(conn, topics, cause=ev.cause, causing_event_id=env.id,
-                                 account_id=uuid.UUID(ev.account_id), except_session_id=_uuid(ev.keep_session_id))
+                                 account_id=uuid.UUID(ev.account_id), except_session_id=_uuid(ev.keep_session_id),
+                                 issued_before=env.occurred_at + ISSUE_MARGIN)
         elif env.type == PasswordsChanged.TYPE:
             batch = decode_data(env, PasswordsChanged)
             if not batch.revoke_sessions or not batch.account_ids:

@@ -150,8 +150,10 @@ async def revoke(conn: asyncpg.Connection, topics: Topics, *, cause: str, causin
                  account_id: uuid.UUID | None = None, account_ids: list[uuid.UUID] | None = None,
                  session_ids: list[uuid.UUID] | None = None, device_id: int | None = None,
                  except_session_id: uuid.UUID | None = None, key_account: str | None = None,
-                 incident_id: str | None = None) -> tuple[int, str | None]:
+                 incident_id: str | None = None, issued_before: datetime | None = None) -> tuple[int, str | None]:
     """Revoke in one statement and publish one ``sessions.revoked`` (if anything was revoked).
+    ``issued_before``: only sessions created up to then (a password change revokes what was signed
+    in before it, never a sign-in with the new password that landed before a delayed event).
 
     Must run inside a transaction. Returns (number revoked, revocation id or None)."""
     if causing_event_id is not None and await store.find_revocation_by_cause(conn, causing_event_id) is not None:
@@ -165,7 +167,7 @@ async def revoke(conn: asyncpg.Connection, topics: Topics, *, cause: str, causin
     else:
         revoked, cutoff = await store.revoke_sessions(
             conn, reason=cause, account_id=account_id, session_ids=session_ids, device_id=device_id,
-            except_session_id=except_session_id,
+            except_session_id=except_session_id, issued_before=issued_before,
         )
         accounts, count = sorted({a for _, a in revoked}), len(revoked)
     revocation_id = uuid.uuid4()

@@ -168,6 +168,7 @@ async def revoke_sessions(
     session_ids: list[UUID] | None = None,
     device_id: int | None = None,
     except_session_id: UUID | None = None,
+    issued_before: datetime | None = None,
 ) -> tuple[list[tuple[UUID, UUID]], datetime]:
     """Revoke matching live sessions in one statement; returns (session id, account id) pairs
     actually revoked now (sessions already revoked are not counted twice) and the cutoff time."""
@@ -187,6 +188,9 @@ async def revoke_sessions(
         conditions.append(f"id <> ${len(args)}")
     if len(conditions) == 2:
         raise ValueError("refusing to revoke without a selector")
+    if issued_before is not None:
+        args.append(issued_before)
+        conditions.append(f"created_at <= ${len(args)}")
     rows = await conn.fetch(
         f"UPDATE sessions s SET revoked_at = now(), revoked_reason = $1 WHERE {' AND '.join(conditions)}"
         " RETURNING id, account_id, revoked_at",
