@@ -162,6 +162,8 @@ class HolderKit:
         self.on_revocation = on_revocation
         self._producer = producer
         self._own_producer = producer is None
+        # Per-process by design (issue 17): each instance's cache is kept honest by its own reader of
+        # every revocation, under the safety rules of the module docstring.
         self._cache: OrderedDict[bytes, _Entry] = OrderedDict()
         self._by_session: dict[str, set[bytes]] = {}
         self._by_account: dict[str, set[bytes]] = {}

@@ -23,6 +23,8 @@ from shared.tokens import same
 
 log = logging.getLogger(__name__)
 TOPICS = web.AppKey("topics", service.Topics)
+# Per-process by design (issue 17): last-used times waiting for the batched write; a replica that
+# dies loses at most TOUCH_INTERVAL seconds of "last seen", which decides nothing.
 TOUCHES = web.AppKey("touches", dict)
 MINT_POOL = web.AppKey("mint_pool", asyncpg.Pool)
 
@@ -232,6 +234,7 @@ async def introspect(request: web.Request) -> web.Response:
     })
 
 
+# Per-process by design: only saves re-recording a holder this replica already recorded.
 HOLDERS_SEEN = web.AppKey("holders_seen", set)
 
 
