@@ -50,6 +50,8 @@ OUTBOX_LAG = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 OUTBOX_PENDING = Gauge("hearth_outbox_pending", "Unpublished outbox rows seen by the relay", ["service"])
+RELAY_ACTIVE = Gauge("hearth_outbox_relay_active", "1 while this replica's relay holds the lock and publishes",
+                     ["service"])
 
 
 async def add(conn: asyncpg.Connection, topic: str, env: Envelope) -> None:
@@ -144,6 +146,8 @@ class OutboxRelay:
                 self.active = False
                 await asyncio.sleep(self.poll_interval)
             self.active = True
+            RELAY_ACTIVE.labels(self.service).set(1)
+            log.info("outbox relay leading", extra={"service": self.service})
             await conn.add_listener("outbox", lambda *_: self._wake.set())
             last_purge = 0.0
             while not self._stopping:
@@ -158,6 +162,7 @@ class OutboxRelay:
                     await asyncio.wait_for(self._wake.wait(), self.poll_interval)
         finally:
             self.active = False
+            RELAY_ACTIVE.labels(self.service).set(0)
             with contextlib.suppress(Exception):
                 await conn.close()
 

@@ -245,11 +245,11 @@ class SharedRate:
                 "WITH s AS (SELECT floor(extract(epoch FROM clock_timestamp()))::bigint AS second,"
                 "                  extract(epoch FROM clock_timestamp()) AS t)"
                 " , grant_ AS ("
-                "   INSERT INTO send_budget AS b (second, used, last_grant) SELECT second, least($1, $2),"
-                "   least($1, $2) FROM s"
-                "   ON CONFLICT (second) DO UPDATE SET used = b.used + least($1, $2 - b.used),"
-                "   last_grant = least($1, $2 - b.used)"
-                "   WHERE b.used < $2 RETURNING b.last_grant)"
+                "   INSERT INTO send_budget AS b (second, used, last_grant) SELECT second, least($1::int, $2::int),"
+                "   least($1::int, $2::int) FROM s"
+                "   ON CONFLICT (second) DO UPDATE SET used = b.used + least($1::int, $2::int - b.used),"
+                "   last_grant = least($1::int, $2::int - b.used)"
+                "   WHERE b.used < $2::int RETURNING b.last_grant)"
                 " SELECT s.second, s.t, (SELECT last_grant FROM grant_) AS granted FROM s",
                 self.share, self.rate,
             )

@@ -323,6 +323,44 @@ async def test_killing_one_replica_of_each_service_mid_stream(cluster: Stack) ->
             await record.stop()
 
 
+def relay_active(stack: Stack, key: str) -> bool:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{stack.ports[key]}/metrics", timeout=3) as r:  # noqa: S310
+        return any(line.startswith("hearth_outbox_relay_active") and line.rstrip().endswith(" 1.0")
+                   for line in r.read().decode().splitlines())
+
+
+async def test_outbox_relay_takeover_within_seconds(cluster: Stack) -> None:
+    """SIGKILL the replica of auth whose relay publishes: the other takes over within seconds and a
+    change committed meanwhile is published."""
+    keys = cluster.replica_keys("auth")
+    leaders = await eventually(lambda: [k for k in keys if relay_active(cluster, k)], timeout=20)
+    assert len(leaders) == 1, leaders
+    leader = leaders[0]
+    other = next(k for k in keys if k != leader)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+        edge = Edge(cluster, http)
+        record = Record(cluster)
+        await record.start()
+        try:
+            a = await sign_up(edge)
+            cluster.kill(leader)
+            killed = time.monotonic()
+            changes: list[Change] = []
+            await change_password(edge, a, changes)  # committed by the survivor, published by whoever leads
+            await eventually(lambda: relay_active(cluster, other), timeout=10, interval=0.1)
+            took = time.monotonic() - killed
+            assert changes
+            await check_changes(cluster, record, http, changes)
+            report(f"outbox relay of {leader} killed: {other} leading after {took:.1f} s, the change committed "
+                   f"meanwhile published and applied")
+            assert took < 5
+        finally:
+            await record.stop()
+            await asyncio.to_thread(cluster.restart, leader)
+
+
 async def leader_counts(stack: Stack, topic: str) -> dict[int, int]:
     consumer = AIOKafkaConsumer(bootstrap_servers=stack.kafka_bootstrap, group_id=None)
     await consumer.start()
