@@ -147,6 +147,8 @@ class ConsumeLoop:
         self.consumer: AIOKafkaConsumer | None = None
         self.started = asyncio.Event()  # group mode: joined and polled once; broadcast: positioned
         self._fresh = False
+        self._fresh_checked = 0.0
+        self._fresh_cached = False
         self._pending: dict[TopicPartition, int] = {}
         self._expected: dict[TopicPartition, int] = {}
         self._stopping = False
@@ -162,7 +164,11 @@ class ConsumeLoop:
         """Broadcast mode: positioned, and every partition answered a fetch within ``max_staleness``."""
         if not self._fresh or self.consumer is None:
             return False
-        return self._stale_partitions() == []
+        now = time.monotonic()
+        if now - self._fresh_checked > 0.1:  # validate() asks on every call: look at most 10 times a second
+            self._fresh_checked = now
+            self._fresh_cached = self._stale_partitions() == []
+        return self._fresh_cached
 
     def _stale_partitions(self) -> list[TopicPartition]:
         assert self.consumer is not None
@@ -199,6 +205,7 @@ class ConsumeLoop:
 
     async def _reset(self, reason: str) -> None:
         self._fresh = False
+        self._fresh_checked = 0.0
         LOOP_RESETS.labels(self.name, reason.split(":")[0]).inc()
         self.resets.append(reason)
         if self.on_reset is not None:
