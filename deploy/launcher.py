@@ -469,6 +469,7 @@ def load_or_create_secrets(path: Path) -> dict[str, str]:
         "TOKEN_HMAC_KEY": lambda: secrets.token_urlsafe(32),
         "SEAL_KEYS": lambda: new_key_spec("k1"),
         "LINKCODE_SEAL_KEYS": lambda: new_key_spec("l1"),
+        "TWO_FACTOR_SEAL_KEYS": lambda: new_key_spec("t1"),
         "PASSWORD_PEPPERS": lambda: new_key_spec("p1"),
         "HOLDER_SECRET": lambda: secrets.token_urlsafe(32),
         "CSRF_SECRET": lambda: secrets.token_urlsafe(32),
@@ -518,6 +519,9 @@ class Stack:
     env: dict[str, str] = field(default_factory=dict)
     database_url: str = ""
     kafka_bootstrap: str = ""
+    # Host name of the edge in PUBLIC_BASE_URL (links, WebAuthn's relying party). Passkeys need a
+    # domain name: tests use "localhost" (an IP address is not a valid WebAuthn RP id).
+    public_host: str = field(default_factory=lambda: os.environ.get("HEARTH_PUBLIC_HOST", "127.0.0.1"))
     topology: str = "single"
     replicas: int = 1
     holder_instances: int = 1
@@ -557,7 +561,7 @@ class Stack:
 
     @property
     def edge_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports['edge']}"
+        return f"http://{self.public_host}:{self.ports['edge']}"
 
     @property
     def mail_dir(self) -> Path:
@@ -814,8 +818,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["run", "infra", "fetch"], help="run: everything; infra: PostgreSQL and "
                         "Kafka only; fetch: download what is missing and exit")
     parser.add_argument("--run-dir", default=str(ROOT / ".run"))
-    default_holders = "living-room,basement" if (ROOT / "services" / "holder" / "cli.py").exists() else ""
-    parser.add_argument("--holders", default=default_holders, help="sample holders to start (comma list)")
+    parser.add_argument("--holders", default="living-room,basement", help="sample holders to start (comma list)")
     parser.add_argument("--topology", choices=TOPOLOGIES, default=os.environ.get("TOPOLOGY") or "single",
                         help="single: one process of everything; cluster: three Kafka brokers, two replicas of "
                         "every service behind nginx, two instances of every sample holder")

@@ -9,12 +9,12 @@ from pathlib import Path
 
 from aiohttp import web
 
-from services.auth import routes, store
+from services.auth import routes, store, two_factor
 from services.auth.minting import MintBatcher
 from services.auth.service import Auth, Topics
 from services.auth.settings import Settings
 from shared import throttle
-from shared.app import POOL, SETTINGS, base_app, periodic_ctx, pool_ctx, producer_ctx, relay_ctx
+from shared.app import POOL, SettingsOf, base_app, periodic_ctx, pool_ctx, producer_ctx, relay_ctx
 from shared.crypto import parse_keys
 from shared.events import AUTH_EVENTS
 from shared.holder import holder_ctx_factory
@@ -25,10 +25,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 log = logging.getLogger(__name__)
 
 
-def _settings(app: web.Application) -> Settings:
-    s = app[SETTINGS]
-    assert isinstance(s, Settings)
-    return s
+_settings = SettingsOf(Settings)
 
 
 async def auth_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -54,6 +51,8 @@ async def auth_ctx(app: web.Application) -> AsyncIterator[None]:
 async def housekeeping(app: web.Application) -> None:
     """Purge long-expired reset tokens and stale throttle rows."""
     await store.purge_expired(app[POOL])
+    await two_factor.purge_expired(app[POOL])
+    await app[POOL].execute("DELETE FROM webauthn_challenges WHERE expires_at < now()")
     await throttle.purge(app[POOL])
 
 

@@ -13,11 +13,13 @@ from services.auth.errors import InvalidToken
 from services.auth.minting import MintBatcher
 from services.auth.service import Auth
 from services.auth.settings import Settings
+from services.auth.two_factor import Status
 from shared import plex
-from shared.app import SETTINGS, client_address, json_object
+from shared.app import SettingsOf, client_address, json_object
 from shared.errors import HearthError, MissingClientIdentifier, NotFound, ValidationFailed
 from shared.holder import HOLDER, Principal
 from shared.internal import InternalClient, require_internal
+from shared.principal import token_principal
 from shared.tokens import same
 
 AUTH = web.AppKey("auth", Auth)
@@ -26,10 +28,7 @@ MINTER = web.AppKey("minter", MintBatcher)
 BACKGROUND = web.AppKey("background", set)
 
 
-def _settings(request: web.Request) -> Settings:
-    s = request.app[SETTINGS]
-    assert isinstance(s, Settings)
-    return s
+_settings = SettingsOf(Settings)
 
 
 def _is_internal(request: web.Request) -> bool:
@@ -38,16 +37,18 @@ def _is_internal(request: web.Request) -> bool:
     return scheme.lower() == "bearer" and same(value.strip(), _settings(request).internal_api_secret.get_secret_value())
 
 
-def user_view(account: store.Account, token: str | None) -> tuple[Any, dict[str, Any]]:
+def user_view(account: store.Account, token: str | None, two_factor: Status | None = None
+              ) -> tuple[Any, dict[str, Any]]:
     """The user in Plex's XML shape (python-plexapi) and JSON shape (typed Go/Rust clients)."""
     joined = int(account.created_at.timestamp())
+    tf_on = bool(two_factor and two_factor.enabled)
     attrs = {
         "id": account.num, "uuid": account.id.hex, "username": account.username, "title": account.username,
         "friendlyName": account.username, "email": account.email, "thumb": "", "authToken": token or "",
         "scrobbleTypes": "", "joinedAt": joined, "hasPassword": True, "confirmed": True, "emailOnlyAuth": False,
-        "twoFactorEnabled": False, "home": False, "guest": False, "restricted": False, "protected": False,
+        "twoFactorEnabled": tf_on, "home": False, "guest": False, "restricted": False, "protected": False,
         "homeAdmin": False, "homeSize": 1, "maxHomeSize": 15, "mailingListActive": False, "country": "",
-        "experimentalFeatures": False, "backupCodesCreated": False, "locale": "",
+        "experimentalFeatures": False, "backupCodesCreated": tf_on, "locale": "",
     }
     xml = plex.element(
         "user", attrs,
@@ -95,12 +96,7 @@ async def _mint(request: web.Request, account: store.Account, remember: bool) ->
     return str(answer["token"])
 
 
-async def _principal(request: web.Request) -> tuple[Principal, str]:
-    token = await plex.param(request, "X-Plex-Token")
-    principal = await request.app[HOLDER].validate(token)
-    if principal is None or token is None:
-        raise InvalidToken()
-    return principal, token
+_principal = token_principal
 
 
 async def _account_of(request: web.Request) -> tuple[store.Account, Principal, str]:
@@ -111,8 +107,9 @@ async def _account_of(request: web.Request) -> tuple[store.Account, Principal, s
     return account, principal, token
 
 
-def _user(request: web.Request, account: store.Account, token: str | None, status: int = 200) -> web.Response:
-    xml, json = user_view(account, token)
+async def _user(request: web.Request, account: store.Account, token: str | None, status: int = 200
+                ) -> web.Response:
+    xml, json = user_view(account, token, await request.app[AUTH].two_factor.status(account.id))
     return plex.respond(request, xml=xml, json=json, status=status)
 
 
@@ -127,7 +124,7 @@ async def create_user(request: web.Request) -> web.Response:
     token = None
     if await plex.param(request, "X-Plex-Client-Identifier"):
         token = await _mint(request, account, remember=True)
-    return _user(request, account, token, status=201)
+    return await _user(request, account, token, status=201)
 
 
 async def sign_in(request: web.Request) -> web.Response:
@@ -137,19 +134,24 @@ async def sign_in(request: web.Request) -> web.Response:
     if not await plex.param(request, "X-Plex-Client-Identifier"):
         raise MissingClientIdentifier()
     remember = plex.parse_bool(f.get("rememberMe"), default=True)
-    account = await request.app[AUTH].authenticate(login, password, client_address(request))
+    code = f.get("verificationCode") or f.get("user[verificationCode]")
+    account = await request.app[AUTH].authenticate(login, password, client_address(request), code)
     token = await _mint(request, account, remember)
-    return _user(request, account, token, status=201)
+    return await _user(request, account, token, status=201)
 
 
 async def get_user(request: web.Request) -> web.Response:
     account, _, token = await _account_of(request)
-    return _user(request, account, token)
+    return await _user(request, account, token)
 
 
 async def sign_out(request: web.Request) -> web.Response:
     _, token = await _principal(request)
+    # devicesession answers once the revocation is committed and Hearth's own holders (this one
+    # included) have applied it; forgetting the token here as well keeps this service strict even
+    # when that wait runs out.
     await request.app[DEVICESESSION].call("POST", "/internal/sessions/revoke", {"token": token})
+    request.app[HOLDER].forget(token)
     return web.Response(status=204)
 
 
@@ -180,9 +182,10 @@ async def request_reset(request: web.Request) -> web.Response:
 
 async def _changed(request: web.Request, event_id: str, sign_out: bool) -> web.Response:
     """204 once the change is committed. With sign-out, wait (briefly) until devicesession has
-    revoked the sessions, so that when the answer arrives no old token introspects as active; the
-    holders' caches follow within milliseconds. If devicesession is slow, answer anyway: the event is
-    committed and will be applied."""
+    revoked the sessions and Hearth's own holders (auth, linkcode, web) have evicted them, so that
+    when the answer arrives no Hearth service accepts an old token; third-party holders follow
+    within milliseconds. If devicesession is slow, answer anyway: the event is committed and will
+    be applied."""
     headers = {"X-Hearth-Event-Id": event_id}
     if sign_out:
         deadline = asyncio.get_running_loop().time() + _settings(request).revocation_wait
@@ -192,6 +195,10 @@ async def _changed(request: web.Request, event_id: str, sign_out: bool) -> web.R
                 outcome = await request.app[DEVICESESSION].call(
                     "GET", f"/internal/revocations?causing_event_id={event_id}")
                 headers["X-Hearth-Sessions-Revoked"] = str(outcome["revoked"])
+                if outcome["revoked"]:
+                    # Read-your-writes: answer once Hearth's own holders have evicted the tokens.
+                    await request.app[DEVICESESSION].call(
+                        "POST", f"/internal/revocations/{outcome['revocation_id']}/applied")
                 break
             except HearthError as exc:
                 if exc.status != 404:
@@ -287,3 +294,7 @@ def setup_routes(app: web.Application) -> None:
     r.add_get("/internal/accounts", internal_find_account)
     r.add_get("/internal/accounts/{account_id}", internal_account)
     r.add_post("/internal/accounts/{account_id}/reset-required", internal_require_reset)
+    from services.auth import passkeys, two_factor_routes
+
+    two_factor_routes.setup(app)
+    passkeys.setup(app)

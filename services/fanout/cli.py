@@ -14,12 +14,12 @@ import contextlib
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import click
 from aiokafka import ConsumerRecord, TopicPartition
 
+from shared import stackenv
 from shared.consumer import ConsumeLoop
 from shared.events import (
     REVOCATIONS_APPLIED,
@@ -176,12 +176,10 @@ def _parse_expect(values: tuple[str, ...]) -> dict[str, int]:
 def command(deadline: float, expect: tuple[str, ...], from_beginning: bool, summary: bool, duration: float | None,
             quiet: bool, env_file: str | None) -> None:
     """Follow revocations and their acknowledgements by every session holder instance."""
-    path = Path(env_file) if env_file else Path(".run/hearth.env")
-    if path.exists():
-        for line in path.read_text().splitlines():
-            key, sep, value = line.partition("=")
-            if sep:
-                os.environ.setdefault(key.strip(), value.strip())
+    try:
+        stackenv.load(env_file)
+    except stackenv.EnvFileError as exc:
+        raise click.ClickException(str(exc)) from exc
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:59092")
     prefix = os.environ.get("TOPIC_PREFIX", "")
     watcher = Watcher(deadline, _parse_expect(expect), echo=not quiet)

@@ -16,6 +16,7 @@ from shared.app import (
     POOL,
     PRODUCER,
     SETTINGS,
+    SettingsOf,
     base_app,
     consumer_ctx,
     periodic_ctx,
@@ -32,10 +33,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 log = logging.getLogger(__name__)
 
 
-def _settings(app: web.Application) -> Settings:
-    s = app[SETTINGS]
-    assert isinstance(s, Settings)
-    return s
+_settings = SettingsOf(Settings)
 
 
 async def linkcodes_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -20,7 +20,7 @@ import aiohttp_jinja2
 from aiohttp import web
 
 from services.web.settings import Settings
-from shared.app import SETTINGS, client_address
+from shared.app import SettingsOf, client_address
 from shared.errors import Forbidden, HearthError
 from shared.holder import HOLDER, Principal
 from shared.internal import InternalClient
@@ -37,10 +37,7 @@ _PRINCIPAL = web.RequestKey("principal", object)
 _NEW_CSRF = web.RequestKey("new_csrf", str)
 
 
-def _settings(request: web.Request) -> Settings:
-    s = request.app[SETTINGS]
-    assert isinstance(s, Settings)
-    return s
+_settings = SettingsOf(Settings)
 
 
 def _secure(request: web.Request) -> bool:
@@ -183,8 +180,16 @@ async def signup(request: web.Request) -> web.Response:
 
 
 def _next(value: str | None) -> str:
-    return value if value and re.fullmatch(r"/[A-Za-z0-9/_?=&.-]{0,200}", value) and not value.startswith("//") \
-        else "/account"
+    """Where to go after signing in: a path on this site, else /account. Refused: anything but a
+    plain path, and any path a browser would normalise into one starting with // (another host):
+    empty segments and dot segments are refused outright."""
+    if not value or not re.fullmatch(r"/[A-Za-z0-9/_?=&.-]{0,200}", value):
+        return "/account"
+    path = value.split("?", 1)[0]
+    segments = path.split("/")[1:]
+    if "//" in path or any(seg in (".", "..") for seg in segments):
+        return "/account"
+    return value
 
 
 async def signin_page(request: web.Request) -> web.Response:
@@ -196,7 +201,9 @@ async def signin(request: web.Request) -> web.Response:
     form = await check_csrf(request)
     target = _next(form.get("next"))
     try:
-        data, _ = await request.app[AUTH].request("POST", "/api/v2/users/signin", {
+        # auth's sign-in path (the same checks as /api/v2/users/signin); with two-step verification on
+        # it answers a pending sign-in instead of a session, and the code is asked next (two_factor_pages).
+        data, _ = await request.app[AUTH].request("POST", "/internal/signin", {
             "login": form.get("login", ""), "password": form.get("password", ""), "rememberMe": True},
             headers=_browser_headers(request))
     except HearthError as err:
@@ -204,6 +211,12 @@ async def signin(request: web.Request) -> web.Response:
         return page(request, "signin.html", {"form": {"login": form.get("login", "")}, "next": target,
                                              "errors": {"form": message}, "reset_required": err.status == 403},
                     status=err.status)
+    if data.get("secondFactorRequired"):
+        from services.web import two_factor_pages
+
+        second = page(request, "signin.html", {"step": "code", "next": target})
+        two_factor_pages.pending_cookie(second, request, data["pending"])
+        return second
     response = web.HTTPSeeOther(target)
     _start_session(response, request, data["authToken"])
     raise response
@@ -222,6 +235,7 @@ async def signout(request: web.Request) -> web.Response:
             await request.app[AUTH].request("DELETE", "/api/v2/users/signout", headers={"X-Plex-Token": token})
         except HearthError:
             pass  # already invalid: the cookie goes anyway
+        request.app[HOLDER].forget(token)
     response = web.HTTPSeeOther("/signin")
     response.del_cookie(SESSION_COOKIE, path="/")
     raise response
@@ -288,7 +302,9 @@ async def _account_context(request: web.Request, principal: Principal, token: st
     listing = await request.app[DEVICESESSION].call(
         "GET", f"/internal/accounts/{principal.account_id}/devices?session_id={principal.session_id}")
     devices = [{**d, "last_seen": _when(d["last_seen_at"])} for d in listing["devices"]]
-    return {"user": user, "devices": devices}
+    from services.web import two_factor_pages
+
+    return {"user": user, "devices": devices, **await two_factor_pages.account_extras(request, principal)}
 
 
 async def account_page(request: web.Request) -> web.Response:
@@ -434,4 +450,7 @@ def setup_routes(app: web.Application) -> None:
     r.add_post("/link", link_lookup)
     r.add_post("/link/approve", link_approve)
     r.add_get("/claim", claim_page)
+    from services.web import two_factor_pages
+
+    two_factor_pages.setup(app)
     r.add_static("/static", Path(__file__).parent / "static", append_version=False)

@@ -7,7 +7,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from services.notification.service import SharedRate
+from services.notification.delivery import SharedRate
 from shared import db
 
 MIGRATION = Path(__file__).resolve().parents[2] / "services" / "notification" / "migrations" / "0002_send_budget.sql"
