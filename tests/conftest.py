@@ -31,7 +31,7 @@ from shared import db  # noqa: E402
 from shared.settings import with_database  # noqa: E402
 
 RUN_ID = uuid.uuid4().hex[:8]
-_REAL = {"stack", "stack_obj", "infra", "scratch_db", "topic", "tap"}
+_REAL = {"stack", "stack_obj", "infra", "scratch_db", "topic", "tap", "cluster"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
