@@ -273,6 +273,14 @@ class ConsumeLoop:
             if not parts:
                 raise RuntimeError(f"no partitions for topic {topic}")
             tps |= {TopicPartition(topic, p) for p in parts}
+        # A topic created a moment ago may not have elected its leaders yet: positioning then fails
+        # (and aiokafka logs it as an error). Wait for them, refreshing metadata.
+        cluster = self.consumer._client.cluster
+        for _ in range(50):
+            if all((cluster.leader_for_partition(tp) or -1) >= 0 for tp in tps):
+                break
+            await asyncio.sleep(0.2)
+            await self.consumer._client.force_metadata_update()
         return tps
 
     async def _position(self, keep: dict[TopicPartition, int] | None = None) -> None:
@@ -288,10 +296,12 @@ class ConsumeLoop:
             if tp in tps:
                 self.consumer.seek(tp, offset)
         if new:
-            if self.start_at == "latest":
-                await self.consumer.seek_to_end(*new)
-            else:
-                await self.consumer.seek_to_beginning(*new)
+            # Explicit offsets (ListOffsets, retried quietly while a new topic elects its leaders)
+            # rather than seek_to_end, whose background reset logs every retry as an error.
+            edge = (await self.consumer.end_offsets(new) if self.start_at == "latest"
+                    else await self.consumer.beginning_offsets(new))
+            for tp in new:
+                self.consumer.seek(tp, edge[tp])
         self._expected = {tp: await self.consumer.position(tp) for tp in tps}
         await self._reset("positioned" if not keep else "partitions added")
         # Fresh once every partition has answered one fetch (checked in _poll).
@@ -308,7 +318,8 @@ class ConsumeLoop:
             except OffsetOutOfRangeError as exc:
                 # Records this instance never read were deleted (retention): a gap.
                 tps = list(exc.args[0]) if exc.args and isinstance(exc.args[0], dict) else list(self._expected)
-                await self.consumer.seek_to_end(*tps)
+                for tp, offset in (await self.consumer.end_offsets(tps)).items():
+                    self.consumer.seek(tp, offset)
                 for tp in tps:
                     self._expected[tp] = await self.consumer.position(tp)
                 await self._reset("gap: out of range")

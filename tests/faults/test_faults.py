@@ -129,20 +129,28 @@ async def change_password(edge: Edge, a: Account, changes: list[Change]) -> None
             a.password, a.n = new, a.n + 1
 
 
-async def link_pin(edge: Edge, a: Account) -> bool:
+async def link_pin(edge: Edge, a: Account, why: list[str] | None = None) -> bool:
+    """Create a PIN as a TV, link it from a signed-in phone, collect the token as the TV."""
+    def fail(step: str, status: int) -> bool:
+        if why is not None:
+            why.append(f"{step} {status}")
+        return False
+
     token = await sign_in(edge, a, f"phone-{a.username}")
     if not token:
-        return False
+        return fail("sign-in", -1)
     cid = f"tv-{uuid.uuid4().hex[:8]}"
     status, pin, _ = await edge.call("POST", "/api/v2/pins.json", client=cid, data={"strong": "false"})
     if status != 201 or not pin:
-        return False
+        return fail("create", status)
     status, _, _ = await edge.call("PUT", "/api/v2/pins/link", token=token, client="phone",
                                    data={"code": str(pin["code"])}, headers={"X-Plex-Product": "Plex SSO"})
     if status != 204:
-        return False
+        return fail("link", status)
     status, body, _ = await edge.call("GET", f"/api/v2/pins/{pin['id']}.json", client=cid)
-    return status == 200 and bool(body and body.get("authToken"))
+    if status == 200 and bool(body and body.get("authToken")):
+        return True
+    return fail("collect", status)
 
 
 # ------------------------------------------------------------------------------------------ the record
@@ -278,6 +286,7 @@ async def test_killing_one_replica_of_each_service_mid_stream(cluster: Stack) ->
             since = time.time()
             changes: list[Change] = []
             links = [0, 0]
+            why: list[str] = []
             stop = asyncio.Event()
 
             async def worker(i: int) -> None:
@@ -291,7 +300,7 @@ async def test_killing_one_replica_of_each_service_mid_stream(cluster: Stack) ->
                         await change_password(edge, a, changes)
                     else:
                         links[0] += 1
-                        ok = await link_pin(edge, a)  # (not `+= await`: that reads the count before awaiting)
+                        ok = await link_pin(edge, a, why)  # (not `+= await`: that reads the count before awaiting)
                         links[1] += ok
 
             workers = [asyncio.create_task(worker(i)) for i in range(4)]
@@ -311,11 +320,11 @@ async def test_killing_one_replica_of_each_service_mid_stream(cluster: Stack) ->
             await asyncio.gather(*workers)
             errors = edge.errors[errors_before:]
             report(f"kill one replica of each service: {edge.requests} requests, {len(changes)} password changes, "
-                   f"{links[1]}/{links[0]} PIN links, {inflight} in flight at the kill, {len(errors)} client errors "
-                   f"{errors[:10]}")
+                   f"{links[1]}/{links[0]} PIN links (failed: {why[:10]}), {inflight} in flight at the kill, "
+                   f"{len(errors)} client errors {errors[:10]}")
             assert len(errors) <= inflight, errors
             assert len(changes) >= 5 and links[1] >= 3
-            assert links[0] - links[1] <= inflight, links  # a link fails only when in flight at the kill
+            assert links[0] - links[1] <= inflight, why  # a link fails only when in flight at the kill
             await check_changes(cluster, record, http, changes)
             down = {cluster.instance_id(k): (killed, back) for k in keys}
             await eventually(lambda: not record.missing(cluster, since, down), timeout=30)

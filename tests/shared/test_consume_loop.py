@@ -46,10 +46,12 @@ async def test_every_broadcast_loop_reads_every_partition_from_the_end(infra: In
         loop = loops[0]
         assert loop.consumer is not None
         tp = TopicPartition(topic, 0)
+        loop.consumer.pause(tp)  # nothing fetched from partition 0 until the position has moved
         end = await loop.consumer.position(tp)
-        loop.consumer.seek(tp, end + 2)
         for i in range(3):
             await producer.send_and_wait(topic, f"p0-{i}".encode(), partition=0)
+        loop.consumer.seek(tp, end + 2)
+        loop.consumer.resume(tp)
         await eventually(lambda: any(r.startswith("gap") for r in resets[0]), timeout=15)
         await eventually(lambda: b"p0-2" in seen[0], timeout=5)  # reported before the records are handed over
         assert b"p0-0" not in seen[0][40:]
