@@ -123,8 +123,12 @@ async def change_password(edge: Edge, a: Account, changes: list[Change]) -> None
     if status == 204:
         a.password, a.n = new, a.n + 1
         changes.append(Change(headers["X-Hearth-Event-Id"], [tv], time.time()))
-    elif status in (0, 502, 503, 504):
-        # The outcome is unknown (the answer was lost): find out which password holds now.
+    elif status in (0, 401, 502, 503, 504):
+        # The outcome is unknown (the answer was lost): find out which password holds now. A 401 here
+        # is nginx re-sending the PUT (idempotent by HTTP, so nginx retries it) to the other replica
+        # after the first committed the change and died before answering: counted as a client error.
+        if status == 401:
+            edge.errors.append("PUT /api/v2/user/password -> 401 (re-sent by nginx after a replica died)")
         if await sign_in(edge, Account(a.username, new), "probe"):  # noqa: SIM102
             a.password, a.n = new, a.n + 1
 
