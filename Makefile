@@ -32,7 +32,7 @@ test: setup-test
 	$(BIN)/python -m pytest -q -rfEs $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check shared services deploy tests bench
+	$(BIN)/ruff check shared services deploy tests bench hearth_testing examples
 	$(BIN)/mypy
 
 bench: setup

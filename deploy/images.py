@@ -297,7 +297,7 @@ class Builder:
             return hit
         ref = f"{repo}:{key[:16]}"
         _log(f"building {stable} ({ref}) ...")
-        res = subprocess.run(["docker", "build", "--network", "host", "--build-arg", f"BASE={BASE_IMAGE}",
+        res = subprocess.run(["docker", "build", "--force-rm", "--network", "host", "--build-arg", f"BASE={BASE_IMAGE}",
                               "--label", f"{LABEL}={key}", "-t", ref, "-t", stable, str(context)],
                              capture_output=True, env={**os.environ, "DOCKER_BUILDKIT": "0"})
         if res.returncode != 0:
