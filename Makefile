@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test lint bench setup setup-test infra clean fetch
+.PHONY: run test lint bench setup setup-test infra clean fetch images
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -34,6 +34,11 @@ test: setup-test
 lint: $(STAMP)
 	$(BIN)/ruff check shared services deploy tests bench hearth_testing examples
 	$(BIN)/mypy
+
+# Container images with no registry (deploy/images.py): base from debootstrap, Hearth, Kafka, PostgreSQL.
+images: $(STAMP)
+	@$(BIN)/python -m deploy.launcher fetch >/dev/null
+	$(BIN)/python -m deploy.images build $(IMAGES)
 
 bench: setup
 	$(BIN)/python -m bench $(BENCH_ARGS)

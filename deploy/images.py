@@ -49,6 +49,7 @@ HEARTH_IMAGE = "hearth/hearth:latest"
 KAFKA_IMAGE = f"hearth/kafka:{KAFKA_VERSION}"
 POSTGRES_IMAGE = f"hearth/postgres:{PG_MAJOR}"
 LABEL = "org.hearth.inputs"
+LABEL_RUN = "org.hearth.test-run"  # set by hearth_testing.containers
 
 DOCKERD_DATA_ROOT = Path(os.environ.get("HEARTH_DOCKERD_DATA_ROOT", "/var/lib/hearth-docker"))
 DOCKERD_PIDFILE = Path("/run/hearth-dockerd.pid")
@@ -338,6 +339,28 @@ class Builder:
             return self.build("postgres", "hearth/postgres", POSTGRES_IMAGE, DEPLOY / "postgres" / "Dockerfile", ctx)
 
 
+def cleanup() -> None:
+    """Remove what Hearth's test runs left on the engine: containers labelled by hearth_testing, and
+    compose projects named hearth-ci-* or hearth-test-* with their volumes."""
+    fmt = '{{.ID}} {{.Label "com.docker.compose.project"}} {{.Label "' + LABEL_RUN + '"}}'
+    res = docker("ps", "-a", "--format", fmt, check=False)
+    ids, projects = [], set()
+    for line in res.stdout.decode().splitlines():
+        cid, _, rest = line.partition(" ")
+        project, _, run = rest.partition(" ")
+        if run.strip() or project.startswith(("hearth-ci-", "hearth-test-")):
+            ids.append(cid)
+            if project:
+                projects.add(project)
+    if ids:
+        docker("rm", "-f", "-v", *ids, check=False)
+        _log(f"removed {len(ids)} leftover container(s)")
+    vols = docker("volume", "ls", "-q", check=False).stdout.decode().split()
+    stale = [v for v in vols if any(v.startswith(p.replace("-", "") + "_") or v.startswith(p + "_") for p in projects)]
+    if stale:
+        docker("volume", "rm", "-f", *stale, check=False)
+
+
 def build_all(only: list[str] | None = None, refresh: bool = False) -> list[Result]:
     if not engine_up():
         raise ImageError("no Docker engine answers: start one (as root: python -m deploy.images dockerd start)")
@@ -354,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     pb = sub.add_parser("build", help="build what changed (base, postgres, kafka, hearth)")
     pb.add_argument("names", nargs="*", metavar="postgres|kafka|hearth", help="only these (default: all)")
     pb.add_argument("--refresh", action="store_true", help="rebuild even when the content key exists")
+    sub.add_parser("cleanup", help="remove containers and compose projects Hearth's test runs left behind")
     pd = sub.add_parser("dockerd", help="start/stop the Docker engine for CI")
     pd.add_argument("action", choices=["start", "stop", "status"])
     args = parser.parse_args(argv)
@@ -367,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
                 how = f"built in {r.seconds:.1f}s" if r.built else "cached"
                 _log(f"{r.ref:<24} {how:<18} inputs {r.key[:16]}")
             _log(f"done in {time.monotonic() - started:.1f}s")
+        elif args.command == "cleanup":
+            cleanup()
         elif args.action == "start":
             dockerd_start()
         elif args.action == "stop":

@@ -48,7 +48,7 @@ class ComposeStack:
         cmd = compose_command()
         if cmd is None:
             raise RuntimeError("no compose tool: apt-get install docker-compose (or set HEARTH_COMPOSE_CMD)")
-        self.project = project or f"hearth-{secrets.token_hex(4)}"
+        self.project = project or f"hearth-test-{secrets.token_hex(4)}"
         self.timeout = timeout
         self.dir = Path(tempfile.mkdtemp(prefix="hearth-compose-"))
         self.env_file = self.dir / "compose.env"

@@ -58,8 +58,9 @@ def _container(image: str, run_id: str, name: str) -> Any:
 def start_postgres(run_id: str, port: int, *, password: str | None = None, fast: bool = True,
                    timeout: float = 120) -> tuple[Any, str]:
     """A PostgreSQL server on 127.0.0.1:``port``; returns the container and its server URL."""
-    c = _container(POSTGRES_IMAGE, run_id, "postgres").with_env("PGPORT", str(port)) \
-        .with_env("POSTGRES_FAST", "1" if fast else "0").with_tmpfs_mount("/var/lib/hearth-tmp").with_env("PGDATA", "/var/lib/hearth-tmp/pg")
+    c = (_container(POSTGRES_IMAGE, run_id, "postgres").with_env("PGPORT", str(port))
+         .with_env("POSTGRES_FAST", "1" if fast else "0")
+         .with_tmpfs_mount("/var/lib/hearth-tmp").with_env("PGDATA", "/var/lib/hearth-tmp/pg"))
     if password:
         c = c.with_env("POSTGRES_PASSWORD", password)
     c.start()
@@ -81,8 +82,9 @@ def start_postgres(run_id: str, port: int, *, password: str | None = None, fast:
 
 def start_kafka(run_id: str, port: int, controller_port: int, *, timeout: float = 150) -> tuple[Any, str]:
     """A single-node KRaft broker advertising 127.0.0.1:``port``; returns the container and bootstrap."""
-    c = _container(KAFKA_IMAGE, run_id, "kafka").with_env("KAFKA_PORT", str(port)) \
-        .with_env("KAFKA_CONTROLLER_PORT", str(controller_port)).with_tmpfs_mount("/var/lib/hearth-tmp").with_env("KAFKA_DATA", "/var/lib/hearth-tmp/kafka")
+    c = (_container(KAFKA_IMAGE, run_id, "kafka").with_env("KAFKA_PORT", str(port))
+         .with_env("KAFKA_CONTROLLER_PORT", str(controller_port))
+         .with_tmpfs_mount("/var/lib/hearth-tmp").with_env("KAFKA_DATA", "/var/lib/hearth-tmp/kafka"))
     c.start()
     try:
         def ready() -> bool:

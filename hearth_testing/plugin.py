@@ -29,7 +29,7 @@ import pytest
 from hearth_testing.client import Account, HearthStack, HolderCredentials
 
 
-def _env_file(path: str | None) -> dict[str, str]:
+def _env_file(path: str | Path | None) -> dict[str, str]:
     if not path:
         return {}
     values: dict[str, str] = {}
@@ -40,8 +40,8 @@ def _env_file(path: str | None) -> dict[str, str]:
     return values
 
 
-def _from_url(url: str) -> HearthStack:
-    env = {**_env_file(os.environ.get("HEARTH_ENV_FILE")), **os.environ}
+def _from_url(url: str, env_file: str | Path | None = None) -> HearthStack:
+    env = {**os.environ, **_env_file(env_file or os.environ.get("HEARTH_ENV_FILE"))}
     return HearthStack(
         edge_url=url.rstrip("/"),
         devicesession_url=env.get("DEVICESESSION_URL", "http://127.0.0.1:8102"),
