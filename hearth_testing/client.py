@@ -161,13 +161,14 @@ class HearthStack:
         return await asyncio.to_thread(self.change_password_and_wait, account, holder_id, **kw)
 
 
-async def kit_ready(kit: Any, timeout: float = 60.0) -> None:
+async def kit_ready(kit: Any, within: float = 60.0) -> None:
     """Wait until a ``HolderKit`` consumes revocations (it has its partitions): from then on, every
     sign-out reaches it. Before that a new holder id's consumer group starts at the latest offset."""
     import asyncio
 
-    deadline = time.monotonic() + timeout
-    while not kit.healthy:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"holder {kit.holder_id!r} was not consuming revocations within {timeout}s")
-        await asyncio.sleep(0.05)
+    try:
+        async with asyncio.timeout(within):
+            while not kit.healthy:
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise TimeoutError(f"holder {kit.holder_id!r} was not consuming revocations within {within}s") from None
