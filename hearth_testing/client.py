@@ -168,7 +168,6 @@ async def kit_ready(kit: Any, within: float = 60.0) -> None:
 
     try:
         async with asyncio.timeout(within):
-            while not kit.healthy:
-                await asyncio.sleep(0.05)
+            await kit.assigned.wait()  # set together with healthy on each partition assignment
     except TimeoutError:
         raise TimeoutError(f"holder {kit.holder_id!r} was not consuming revocations within {within}s") from None
