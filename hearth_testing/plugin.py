@@ -41,7 +41,8 @@ def _env_file(path: str | Path | None) -> dict[str, str]:
 
 
 def _from_url(url: str, env_file: str | Path | None = None) -> HearthStack:
-    env = {**os.environ, **_env_file(env_file or os.environ.get("HEARTH_ENV_FILE"))}
+    # As the hearth commands read it: the environment first, then the env file for what it lacks.
+    env = {**_env_file(env_file or os.environ.get("HEARTH_ENV_FILE")), **os.environ}
     return HearthStack(
         edge_url=url.rstrip("/"),
         devicesession_url=env.get("DEVICESESSION_URL", "http://127.0.0.1:8102"),
