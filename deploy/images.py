@@ -317,6 +317,10 @@ class Builder:
                     continue
                 (ctx / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(f, ctx / rel)
+            import tomllib
+
+            deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+            (ctx / "requirements.txt").write_text("".join(f"{d}\n" for d in deps))
             ca = host_ca_bundle()
             (ctx / "build-ca.pem").write_bytes(ca.read_bytes() if ca else b"")
             return self.build("hearth", "hearth/hearth", HEARTH_IMAGE, DEPLOY / "Dockerfile", ctx)
