@@ -119,11 +119,11 @@ def remove_labelled(run_id: str | None = None) -> None:
         subprocess.run(["docker", "rm", "-f", "-v", *ids], capture_output=True)
 
 
-def engine_available() -> bool:
-    """Whether a Docker engine answers and Hearth's infrastructure images are there."""
+def engine_available(*images: str) -> bool:
+    """Whether a Docker engine answers and has Hearth's infrastructure images (and ``images``)."""
     try:
-        res = subprocess.run(["docker", "image", "inspect", POSTGRES_IMAGE, KAFKA_IMAGE], capture_output=True,
-                             timeout=20)
+        res = subprocess.run(["docker", "image", "inspect", POSTGRES_IMAGE, KAFKA_IMAGE, *images],
+                             capture_output=True, timeout=20)
     except (OSError, subprocess.TimeoutExpired):
         return False
     return res.returncode == 0

@@ -62,7 +62,8 @@ def _mode() -> str:
         return "url"
     from hearth_testing import compose, containers
 
-    if compose.compose_command() and containers.engine_available() and shutil.which("docker"):
+    hearth_image = os.environ.get("HEARTH_IMAGE", "hearth/hearth:latest")
+    if shutil.which("docker") and compose.compose_command() and containers.engine_available(hearth_image):
         return "compose"
     return "launcher"
 
