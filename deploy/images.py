@@ -211,6 +211,21 @@ def host_ca_bundle() -> Path | None:
 # Builds
 # ---------------------------------------------------------------------------------------------
 
+BASE_RECIPE_VERSION = "1"  # bump when the base's recipe changes in a way base_files does not show
+
+
+def base_files(mirror: str) -> dict[str, str]:
+    """Files written into the debootstrapped root: apt sources with security updates; smaller layers
+    (no docs, no recommends) for everything installed on top."""
+    security = mirror.rsplit("/", 1)[0] + "/debian-security"
+    return {
+        "etc/apt/sources.list": f"deb {mirror} bookworm main\ndeb {mirror} bookworm-updates main\n"
+                                f"deb {security} bookworm-security main\n",
+        "etc/dpkg/dpkg.cfg.d/01-hearth-nodoc": "path-exclude /usr/share/doc/*\npath-exclude /usr/share/man/*\n"
+                                               "path-exclude /usr/share/locale/*\n",
+        "etc/apt/apt.conf.d/01-hearth": 'APT::Install-Recommends "false";\nAPT::Install-Suggests "false";\n',
+    }
+
 
 @dataclass
 class Result:
@@ -236,9 +251,9 @@ class Builder:
     def base(self) -> Result:
         started = time.monotonic()
         mirror = apt_mirror()
-        script = (DEPLOY / "images.py").read_text()
-        recipe = script[script.index("def base(") : script.index("def base_end_marker")]
-        key = hashlib.sha256(f"bookworm minbase {mirror}\n{recipe}".encode()).hexdigest()
+        files = base_files(mirror)
+        recipe = [BASE_RECIPE_VERSION, "debootstrap --variant=minbase bookworm", mirror, *sorted(files.items())]
+        key = hashlib.sha256(repr(recipe).encode()).hexdigest()
         hit = self._cached("base", "hearth/base", key, BASE_IMAGE)
         if hit:
             self.results.append(hit)
@@ -253,15 +268,8 @@ class Builder:
                                  capture_output=True)
             if res.returncode != 0:
                 raise ImageError("debootstrap failed: " + (res.stdout + res.stderr).decode(errors="replace")[-3000:])
-            security = mirror.rsplit("/", 1)[0] + "/debian-security"
-            (rootfs / "etc/apt/sources.list").write_text(
-                f"deb {mirror} bookworm main\ndeb {mirror} bookworm-updates main\n"
-                f"deb {security} bookworm-security main\n")
-            # Smaller layers: no apt caches, no docs in later installs.
-            (rootfs / "etc/dpkg/dpkg.cfg.d/01-hearth-nodoc").write_text(
-                "path-exclude /usr/share/doc/*\npath-exclude /usr/share/man/*\npath-exclude /usr/share/locale/*\n")
-            (rootfs / "etc/apt/apt.conf.d/01-hearth").write_text(
-                'APT::Install-Recommends "false";\nAPT::Install-Suggests "false";\n')
+            for rel, text in files.items():
+                (rootfs / rel).write_text(text)
             for junk in ("var/cache/apt/archives", "var/lib/apt/lists"):
                 for f in (rootfs / junk).glob("*"):
                     if f.is_file():
@@ -281,9 +289,6 @@ class Builder:
         r = Result("base", BASE_IMAGE, key, True, time.monotonic() - started)
         self.results.append(r)
         return r
-
-    def base_end_marker(self) -> None:
-        """Marks the end of ``base`` for its content key (a change to its recipe rebuilds the base)."""
 
     def build(self, name: str, repo: str, stable: str, dockerfile: Path, context: Path) -> Result:
         started = time.monotonic()
