@@ -370,6 +370,19 @@ def cleanup() -> None:
         docker("volume", "rm", "-f", *stale, check=False)
 
 
+def prune_superseded(results: list[Result]) -> None:
+    """Remove the keyed tags older builds left (``repo:<key>`` other than the current key), and the
+    layers only they used; an image a container still uses stays."""
+    for r in results:
+        repo = r.ref.split(":", 1)[0]
+        res = docker("image", "ls", repo, "--format", "{{.Tag}}", check=False)
+        old = [f"{repo}:{t}" for t in res.stdout.decode().split()
+               if re.fullmatch(r"[0-9a-f]{16}", t) and t != r.key[:16]]
+        if old:
+            docker("rmi", *old, check=False)
+    docker("image", "prune", "-f", check=False)
+
+
 def build_all(only: list[str] | None = None, refresh: bool = False) -> list[Result]:
     if not engine_up():
         raise ImageError("no Docker engine answers: start one (as root: python -m deploy.images dockerd start)")
@@ -377,6 +390,7 @@ def build_all(only: list[str] | None = None, refresh: bool = False) -> list[Resu
     b.base()
     for name in only or ["postgres", "kafka", "hearth"]:
         getattr(b, name)()
+    prune_superseded(b.results)
     return b.results
 
 
