@@ -5,13 +5,18 @@ Endpoints (Plex-compatible, XML by default, JSON on request): ``POST /api/v2/use
 ``GET /api/v2/ping``, ``GET /api/users/``, ``POST /api/v2/users/password/reset`` (always 204),
 ``PUT /api/v2/users/password`` (reset with token), ``PUT /api/v2/user/password`` (change while signed
 in). Internal: ``GET /internal/accounts/{id}``, ``GET /internal/accounts?login=``,
-``POST /internal/accounts/{id}/reset-required`` (docs/INTERNAL-API.md).
+``POST /internal/accounts/{id}/reset-required`` (docs/INTERNAL-API.md). Two-step verification and
+passkeys: ``/api/v2/user/two-factor`` (+ ``/recovery-codes``) and their internal routes (modules
+``two_factor``, ``two_factor_routes``, ``passkeys``; README, "Two-step verification and passkeys").
 
 Topics out (outbox): ``auth.events``: ``account.created``, ``password.changed``,
-``password.reset_requested`` (token sealed for notification), ``account.reset_required``, and the
+``password.reset_requested`` (token sealed for notification), ``account.reset_required``,
+``two_factor.enabled``, ``two_factor.disabled``, ``two_factor.recovery_code_used``, and the
 breach command's batch forms. Consumes ``sessions.revoked`` through the holder kit (holder "auth").
 
-Tables: ``accounts``, ``reset_tokens`` (HMACs only), ``throttles``, plus ``outbox`` and
+Tables: ``accounts``, ``reset_tokens`` (HMACs only), ``throttles``, ``two_factor`` (sealed secrets),
+``recovery_codes`` and ``pending_signins`` (HMACs only), ``passkeys``, ``webauthn_users``,
+``webauthn_challenges`` (HMACs, single use), plus ``outbox`` and
 ``processed_events``.
 
 Plex error codes added by Hearth (same ``errors`` shape): 1110 password reset required (403),
