@@ -8,7 +8,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from services.linkcode import routes, store
+from services.linkcode import events, routes, store
 from services.linkcode.service import LinkCodes
 from services.linkcode.settings import Settings
 from shared import throttle
@@ -25,7 +25,7 @@ from shared.app import (
     relay_ctx,
 )
 from shared.consumer import ConsumerRunner
-from shared.events import LINKCODE_EVENTS, SESSIONS_REVOKED, Envelope, SessionsRevoked, decode_data
+from shared.events import LINKCODE_EVENTS, SESSIONS_REVOKED
 from shared.holder import HOLDER, holder_ctx_factory
 from shared.internal import InternalClient
 
@@ -48,19 +48,11 @@ async def linkcodes_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def revocation_consumer(app: web.Application) -> ConsumerRunner:
-    """Linked-but-uncollected tokens live in the database, so their erasure is applied once per
-    revocation by the replicas' shared group (``linkcode.revocations``, idempotent by event id); the
-    holder kit in each replica only keeps its cache honest."""
     s = app[SETTINGS]
-    linkcodes = app[routes.LINKCODES]
-
-    async def handle(conn: object, env: Envelope) -> None:
-        await linkcodes.on_revocation(decode_data(env, SessionsRevoked), conn)
-
     return ConsumerRunner(
         bootstrap=s.kafka_bootstrap_servers, group=s.group("linkcode.revocations"),
-        topics=[s.topic(SESSIONS_REVOKED)], handler=handle, producer=app[PRODUCER], pool=app[POOL],
-        types=[SessionsRevoked.TYPE],
+        topics=[s.topic(SESSIONS_REVOKED)], handler=events.revocation_handlers(app[routes.LINKCODES]),
+        producer=app[PRODUCER], pool=app[POOL],
     )
 
 
