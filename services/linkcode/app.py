@@ -11,7 +11,7 @@ from aiohttp import web
 from services.linkcode import routes, store
 from services.linkcode.service import LinkCodes
 from services.linkcode.settings import Settings
-from shared import throttle
+from shared import cors, throttle
 from shared.app import POOL, SETTINGS, base_app, periodic_ctx, pool_ctx, producer_ctx, relay_ctx
 from shared.events import LINKCODE_EVENTS, SessionsRevoked
 from shared.holder import HOLDER, holder_ctx_factory
@@ -55,6 +55,7 @@ async def cleanup(app: web.Application) -> None:
 
 def create_app(settings: Settings) -> web.Application:
     app = base_app(settings)
+    cors.install(app)  # browser apps call the Plex API from their own origin
     app.cleanup_ctx.extend([
         pool_ctx([("linkcode", MIGRATIONS)]),
         producer_ctx,

@@ -22,6 +22,7 @@ from services.linkcode import store
 from services.linkcode.errors import (
     AccessDenied,
     AuthorizationPending,
+    ClientMismatch,
     CodeBudgetExhausted,
     CodeNotFound,
     CodeSpaceFull,
@@ -198,30 +199,34 @@ class LinkCodes:
             return ("pin", pin) if pin else None
         return None
 
-    async def describe(self, raw: str | None, account_id: str) -> CodeInfo:
-        """What would be linked (for the link page), counting a wrong entry against the budget."""
+    async def _find_for(self, raw: str | None, account_id: str, client: str | None) -> tuple[str, Any]:
+        """The live code, counting a wrong entry against the account's budget. With ``client`` (the
+        auth app's ``clientID``) only a strong PIN created by that client identifier is accepted."""
         await self._budget(account_id)
-        found = await self._find(normalise_code(raw))
-        if found is None:
+        code = normalise_code(raw)
+        found = await self._find(code)
+        if found is None or (client is not None and (found[0] != "pin" or not found[1].strong)):
             await self._wrong(account_id)
             raise CodeNotFound()
-        kind, obj = found
+        if client is not None and not tokens.same(found[1].client_identifier, client):
+            raise ClientMismatch()
+        return found
+
+    async def describe(self, raw: str | None, account_id: str, *, client: str | None = None) -> CodeInfo:
+        """What would be linked (for the link page), counting a wrong entry against the budget."""
+        kind, obj = await self._find_for(raw, account_id, client)
         if kind == "pin":
             d = obj.device
             return CodeInfo("pin", d.get("product", ""), d.get("device_name", "") or d.get("device", ""),
                             d.get("platform", ""), obj.client_identifier, obj.expires_at)
         return CodeInfo("device_code", obj["client_id"], obj["client_id"], "", obj["client_id"], obj["expires_at"])
 
-    async def approve(self, raw: str | None, principal: Principal, *, deny: bool = False) -> str:
-        """Link a PIN or approve (or deny) a device code for the signed-in account."""
+    async def approve(self, raw: str | None, principal: Principal, *, deny: bool = False,
+                      client: str | None = None) -> str:
+        """Link a PIN or approve (or deny) a device code for the signed-in account; with ``client``,
+        only a strong PIN of that client identifier (the auth app)."""
         account_id = principal.account_id
-        await self._budget(account_id)
-        code = normalise_code(raw)
-        found = await self._find(code)
-        if found is None:
-            await self._wrong(account_id)
-            raise CodeNotFound()
-        kind, obj = found
+        kind, obj = await self._find_for(raw, account_id, client)
         acct = uuid.UUID(account_id)
         if kind == "device_code":
             async with self.pool.acquire() as conn:

@@ -183,7 +183,9 @@ async def signup(request: web.Request) -> web.Response:
 
 
 def _next(value: str | None) -> str:
-    return value if value and re.fullmatch(r"/[A-Za-z0-9/_?=&.-]{0,200}", value) and not value.startswith("//") \
+    # A same-site path; percent-encoded query values ('%', '+', '~') carry the auth app's request
+    # (services/web/authapp.py) through sign-in.
+    return value if value and re.fullmatch(r"/[A-Za-z0-9/_?=&.%+~-]{0,4000}", value) and not value.startswith("//") \
         else "/account"
 
 
@@ -434,4 +436,7 @@ def setup_routes(app: web.Application) -> None:
     r.add_post("/link", link_lookup)
     r.add_post("/link/approve", link_approve)
     r.add_get("/claim", claim_page)
+    from services.web import authapp
+
+    authapp.setup_routes(app)
     r.add_static("/static", Path(__file__).parent / "static", append_version=False)
