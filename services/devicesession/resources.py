@@ -41,6 +41,10 @@ from shared.app import POOL
 from shared.errors import ValidationFailed
 
 MAX_CONNECTIONS = 20
+# LAN and loopback ranges (RFC 1918, RFC 4193, link-local, loopback): a connection there is "local".
+_LOCAL_NETS = tuple(ipaddress.ip_network(n) for n in (
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "127.0.0.0/8", "169.254.0.0/16", "::1/128", "fc00::/7",
+    "fe80::/10"))
 _FIELDS = ("protocol", "address", "port", "local")
 
 
@@ -52,7 +56,7 @@ def _is_local(host: str) -> bool:
         ip = ipaddress.ip_address(host)
     except ValueError:
         return False
-    return ip.is_private or ip.is_loopback or ip.is_link_local
+    return any(ip in net for net in _LOCAL_NETS)
 
 
 def parse_connections(values: Any) -> list[dict[str, Any]]:

@@ -358,4 +358,4 @@ async def set_connections(conn: asyncpg.Connection | asyncpg.Pool, device_id: in
                           connections: list[dict[str, Any]]) -> None:
     """Replace the connections a device published (PUT /devices/{clientIdentifier})."""
     await conn.execute("UPDATE devices SET connections = $2::jsonb, last_seen_at = now() WHERE id = $1",
-                       device_id, orjson.dumps(connections).decode())
+                       device_id, connections)  # the pool's jsonb codec encodes it
