@@ -11,6 +11,7 @@ page are saved under artifacts/screenshots/.
 from __future__ import annotations
 
 import asyncio
+import re
 import urllib.parse
 import uuid
 from collections.abc import AsyncIterator
@@ -102,13 +103,13 @@ async def app_server() -> AsyncIterator[AppServer]:
 
 
 async def sign_in_on_popup(popup: Page, login: str, shot_name: str | None = None) -> None:
-    await popup.wait_for_url("**/signin?next=*")
+    await popup.wait_for_url(re.compile(r"/signin\?next=/auth"))
     if shot_name:
         await shot(popup, shot_name)
     await popup.fill("#login", login)
     await popup.fill("#password", PASSWORD)
     await popup.click("button[type=submit]")
-    await popup.wait_for_url("**/auth?*")
+    await popup.wait_for_url(re.compile(r"/auth\?clientID="))
 
 
 async def test_overseerr_style_page_signs_in_through_the_popup(stack: Stack, browser: Browser,  # noqa: F811
@@ -156,7 +157,7 @@ async def test_python_plexapi_oauth_url_approved_in_the_browser(stack: Stack, br
     assert await page.inner_text("#auth-product") == "Kometa"
     assert await page.inner_text("#auth-device") == "kometa-box"
     await page.click("#auth-approve")
-    await page.wait_for_url(app_server.origin + "/callback*")
+    await page.wait_for_url(re.compile("^" + re.escape(app_server.origin + "/callback?")))
     assert app_server.forwarded == ["/callback?state=xyz%2F1&x=a+b"]  # forwardUrl sent unchanged
     assert await asyncio.to_thread(login.waitForLogin)
     assert login.token and await user_status(stack, login.token) == 200
@@ -183,7 +184,7 @@ async def test_home_assistant_plexauth_flow(stack: Stack, browser: Browser,  # n
         await sign_in_on_popup(page, a["username"])
         assert await page.inner_text("#auth-product") == "Home Assistant"
         await page.click("#auth-approve")
-        await page.wait_for_url(app_server.origin + "/callback*")
+        await page.wait_for_url(re.compile("^" + re.escape(app_server.origin + "/callback?")))
         assert app_server.forwarded == ["/callback?flow_id=abc123"]
         token = await auth.token(timeout=30)
     assert token and await user_status(stack, token) == 200
@@ -211,6 +212,12 @@ def auth_url(stack: Stack, form: str = "#?", **params: str) -> str:
     return stack.edge_url + "/auth" + form + urllib.parse.urlencode(params)
 
 
+async def open_auth(page: Page, url: str) -> None:
+    """As an app opens a new popup for each sign-in (a fragment change alone would not load a page)."""
+    await page.goto("about:blank")
+    await page.goto(url)
+
+
 async def test_refusals_are_clear_and_never_redirect(stack: Stack, browser: Browser) -> None:  # noqa: F811
     a = await sign_up(stack)
     context, page = await new_page(browser)
@@ -221,7 +228,7 @@ async def test_refusals_are_clear_and_never_redirect(stack: Stack, browser: Brow
     await shot(page, "auth-incomplete")
     # signed out: the request survives the sign-in (the #!? form)
     pin = await strong_pin(stack, client)
-    await page.goto(auth_url(stack, "#!?", clientID=client, code=pin["code"]))
+    await open_auth(page, auth_url(stack, "#!?", clientID=client, code=pin["code"]))
     await sign_in_on_popup(page, a["username"])
     assert await page.inner_text("#auth-product") == "Tautulli"
     # deny: nothing linked, no redirect
@@ -230,7 +237,7 @@ async def test_refusals_are_clear_and_never_redirect(stack: Stack, browser: Brow
     await shot(page, "auth-denied")
     assert "/auth" in page.url and await poll(stack, pin, client) is None
     # approve without forwardUrl: the window can be closed (the auth/#!? form)
-    await page.goto(stack.edge_url + "/auth/#!?" + urllib.parse.urlencode({"clientID": client, "code": pin["code"]}))
+    await open_auth(page, stack.edge_url + "/auth/#!?" + urllib.parse.urlencode({"clientID": client, "code": pin["code"]}))
     await page.click("#auth-approve")
     await page.wait_for_selector("#auth-done")
     await shot(page, "auth-done")
@@ -240,7 +247,7 @@ async def test_refusals_are_clear_and_never_redirect(stack: Stack, browser: Brow
     for bad in ("javascript:alert(document.domain)", "//evil.example/steal", "data:text/html,hi", "http:/evil",
                 "https://evil.example\\@good"):
         fresh = await strong_pin(stack, client)
-        await page.goto(auth_url(stack, clientID=client, code=fresh["code"], forwardUrl=bad))
+        await open_auth(page, auth_url(stack, clientID=client, code=fresh["code"], forwardUrl=bad))
         await page.wait_for_selector("#auth-problem")
         assert "only http and https" in await page.inner_text("#auth-problem"), bad
         assert await page.locator("#auth-approve").count() == 0 and page.url.startswith(stack.edge_url + "/auth")
@@ -248,19 +255,19 @@ async def test_refusals_are_clear_and_never_redirect(stack: Stack, browser: Brow
     await shot(page, "auth-bad-forward-url")
     # clientID of another app: refused, and the server checks again when the form is tampered with
     other = await strong_pin(stack, client)
-    await page.goto(auth_url(stack, clientID="someone-else", code=other["code"],
+    await open_auth(page, auth_url(stack, clientID="someone-else", code=other["code"],
                              forwardUrl="http://127.0.0.1:9/cb"))
     await page.wait_for_selector("#auth-problem")
     assert "different app" in await page.inner_text("#auth-problem")
     await shot(page, "auth-client-mismatch")
-    await page.goto(auth_url(stack, clientID=client, code=other["code"], forwardUrl="http://127.0.0.1:9/cb"))
+    await open_auth(page, auth_url(stack, clientID=client, code=other["code"], forwardUrl="http://127.0.0.1:9/cb"))
     await page.eval_on_selector("input[name=clientID]", "e => e.value = 'someone-else'")
     await page.click("#auth-approve")
     await page.wait_for_selector("#auth-problem")
     assert "different app" in await page.inner_text("#auth-problem") and "127.0.0.1:9" not in page.url
     assert await poll(stack, other, client) is None
     # unknown and expired codes
-    await page.goto(auth_url(stack, clientID=client, code="A" * 25))
+    await open_auth(page, auth_url(stack, clientID=client, code="A" * 25))
     await page.wait_for_selector("#auth-problem")
     assert "unknown or has expired" in await page.inner_text("#auth-problem")
     expired = await strong_pin(stack, client)
@@ -270,7 +277,7 @@ async def test_refusals_are_clear_and_never_redirect(stack: Stack, browser: Brow
         await conn.execute("UPDATE pins SET expires_at = now() - interval '1 second' WHERE id = $1", expired["id"])
     finally:
         await conn.close()
-    await page.goto(auth_url(stack, clientID=client, code=expired["code"], forwardUrl="http://127.0.0.1:9/cb"))
+    await open_auth(page, auth_url(stack, clientID=client, code=expired["code"], forwardUrl="http://127.0.0.1:9/cb"))
     await page.wait_for_selector("#auth-problem")
     assert "unknown or has expired" in await page.inner_text("#auth-problem")
     await shot(page, "auth-expired")
