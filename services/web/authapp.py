@@ -164,11 +164,30 @@ async def auth_decide(request: web.Request) -> web.StreamResponse:
         return _problem(request, title, message, status)
     if req.forward_url:
         # Sent exactly as the app gave it (forward_host checked that it is absolute http(s) ASCII).
-        return web.Response(status=303, headers={"Location": req.forward_url, "Cache-Control": "no-store"})
+        return web.Response(status=303, headers={"Location": req.forward_url})
     return _page(request, {"state": "approved"})
+
+
+# The page holds an Approve button for a code in its URL: never inside another site's frame (a
+# click-jacked approval), never cached, and its URL (with the code) never sent on as a Referer.
+GUARD_HEADERS = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'",
+                 "Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
+
+
+def _guarded(handler: Any) -> Any:
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        try:
+            response: web.StreamResponse = await handler(request)
+        except web.HTTPException as exc:
+            exc.headers.update(GUARD_HEADERS)
+            raise
+        response.headers.update(GUARD_HEADERS)
+        return response
+
+    return guarded
 
 
 def setup_routes(app: web.Application) -> None:
     for path in ("/auth", "/auth/"):
-        app.router.add_get(path, auth_page)
-        app.router.add_post(path, auth_decide)
+        app.router.add_get(path, _guarded(auth_page))
+        app.router.add_post(path, _guarded(auth_decide))

@@ -305,5 +305,72 @@ async def test_the_server_side_needs_no_javascript(stack: Stack) -> None:
         async with http.get(f"{stack.edge_url}/auth") as r:
             page = await r.text()
             assert r.status == 200 and "/static/auth.js" in page and "<noscript>" in page
+            # never framed by another site (a click-jacked Approve), never cached, no Referer with the code
+            assert r.headers["X-Frame-Options"] == "DENY" and "frame-ancestors 'none'" in r.headers[
+                "Content-Security-Policy"]
+            assert r.headers["Cache-Control"] == "no-store" and r.headers["Referrer-Policy"] == "no-referrer"
         async with http.get(f"{stack.edge_url}/static/auth.js") as r:
             assert r.status == 200 and "location.hash" in await r.text()
+
+
+async def test_home_assistant_over_https_for_the_plex_host_names(stack: Stack, app_server: AppServer,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """plexauth and the browser reach plex.tv and app.plex.tv by name over HTTPS: the names resolve to
+    the edge (as /etc/hosts would), the client trusts the launcher's CA, nothing else changes."""
+    import base64
+    import hashlib
+    import socket
+    import ssl
+
+    import plexauth
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from playwright.async_api import async_playwright
+
+    from tests.web.test_pages import CHROMIUM_ARGS
+
+    port = stack.https_port
+    assert port
+    monkeypatch.setattr(plexauth, "CODES_URL", f"https://plex.tv:{port}/api/v2/pins.json?strong=true")
+    monkeypatch.setattr(plexauth, "AUTH_URL", f"https://app.plex.tv:{port}/auth#!?{{}}")
+    monkeypatch.setattr(plexauth, "TOKEN_URL", f"https://plex.tv:{port}/api/v2/pins/{{}}")
+
+    class PlexNamesResolver(aiohttp.abc.AbstractResolver):
+        async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list[dict[str, Any]]:
+            assert host in ("plex.tv", "app.plex.tv", "clients.plex.tv")
+            return [{"hostname": host, "host": "127.0.0.1", "port": port, "family": socket.AF_INET, "proto": 0,
+                     "flags": socket.AI_NUMERICHOST}]
+
+        async def close(self) -> None:
+            return None
+
+    # Chromium: the same names mapped to the edge; the edge's key accepted (a headless browser has no
+    # writable trust store to import ca.pem into)
+    leaf = x509.load_pem_x509_certificate((stack.run_dir / "tls" / "edge.pem").read_bytes())
+    spki = leaf.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    pin = base64.b64encode(hashlib.sha256(spki).digest()).decode()
+    args = [*CHROMIUM_ARGS, "--host-resolver-rules=MAP plex.tv 127.0.0.1, MAP app.plex.tv 127.0.0.1",
+            f"--ignore-certificate-errors-spki-list={pin}"]
+    a = await sign_up(stack)
+    connector = aiohttp.TCPConnector(resolver=PlexNamesResolver(),
+                                     ssl=ssl.create_default_context(cafile=str(stack.tls_ca)))
+    async with aiohttp.ClientSession(connector=connector) as session, async_playwright() as p:
+        chromium = await p.chromium.launch(executable_path="/usr/bin/chromium", args=args)
+        try:
+            auth = plexauth.PlexAuth({"X-Plex-Product": "Home Assistant", "X-Plex-Device": "Home Assistant",
+                                      "X-Plex-Platform": "Home Assistant", "X-Plex-Model": "Plex OAuth"}, session)
+            await auth.initiate_auth()
+            url = auth.auth_url(app_server.origin + "/callback?flow_id=tls")
+            assert url.startswith(f"https://app.plex.tv:{port}/auth#!?")
+            context, page = await new_page(chromium)
+            await page.goto(url)
+            await sign_in_on_popup(page, a["username"])
+            assert page.url.startswith(f"https://app.plex.tv:{port}/auth?")
+            await shot(page, "auth-approve-https")
+            await page.click("#auth-approve")
+            await page.wait_for_url(re.compile("^" + re.escape(app_server.origin + "/callback?")))
+            token = await auth.token(timeout=30)
+            await context.close()
+        finally:
+            await chromium.close()
+    assert token and await user_status(stack, token) == 200
