@@ -248,8 +248,12 @@ class LinkCodes:
                     producer=PRODUCER, key=account_id))
             return kind
         pin: store.Pin = obj
-        if deny:
+        if deny and client is None:
             raise ValidationFailed("PINs cannot be denied; let them expire")
+        if deny:  # the auth app's Deny: the app's poller learns at once (404) instead of at expiry
+            if not await store.end_pin(self.pool, pin.id):
+                raise CodeNotFound()
+            return kind
         d = pin.device
         minted = await self._mint(acct, {"client_identifier": pin.client_identifier, **d})
         async with self.pool.acquire() as conn, conn.transaction():

@@ -13,7 +13,8 @@ JavaScript:
    created with (its own ``X-Plex-*`` headers; the fragment's ``context[device][...]`` only fills
    what the PIN left empty), and the host that ``forwardUrl`` goes to. Approve and Deny are one
    CSRF-protected form.
-3. ``POST /auth``: approving links the PIN, only a strong PIN whose client identifier equals
+3. ``POST /auth``: denying ends the PIN at once (the app's next poll answers 404, so it stops
+   waiting); approving links the PIN, only a strong PIN whose client identifier equals
    ``clientID`` (linkcode checks both), then redirects to ``forwardUrl`` exactly as given, or says the
    window can be closed (the app polls the PIN and closes its popup).
 
@@ -152,16 +153,17 @@ async def auth_decide(request: web.Request) -> web.StreamResponse:
     principal = await routes.current(request)
     if principal is None:
         raise _signin_redirect(req)
-    if form.get("decision") != "approve":
-        return _page(request, {"state": "denied"})
+    deny = form.get("decision") != "approve"
     try:
         code = urllib.parse.quote(req.code, safe="")
         await request.app[routes.LINKCODE].call("POST", f"/internal/codes/{code}/approve", {
             "account_id": principal.account_id, "session_id": principal.session_id,
-            "client_identifier": req.client_id})
+            "client_identifier": req.client_id, "deny": deny})
     except HearthError as err:
         title, message, status = _refusal(err)
         return _problem(request, title, message, status)
+    if deny:
+        return _page(request, {"state": "denied"})
     if req.forward_url:
         # Sent exactly as the app gave it (forward_host checked that it is absolute http(s) ASCII).
         return web.Response(status=303, headers={"Location": req.forward_url})
