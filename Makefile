@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test lint bench setup setup-test infra clean fetch
+.PHONY: run test test-unit lint bench setup setup-test infra clean fetch
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,6 +30,10 @@ infra: setup
 
 test: setup-test
 	$(BIN)/python -m pytest -q -rfEs $(PYTEST_ARGS)
+
+# The fast lane: every test that needs no stack (pure logic, in-process apps), in seconds.
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -q -m unit $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check shared services deploy tests bench

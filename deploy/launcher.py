@@ -770,8 +770,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["run", "infra", "fetch"], help="run: everything; infra: PostgreSQL and "
                         "Kafka only; fetch: download what is missing and exit")
     parser.add_argument("--run-dir", default=str(ROOT / ".run"))
-    default_holders = "living-room,basement" if (ROOT / "services" / "holder" / "cli.py").exists() else ""
-    parser.add_argument("--holders", default=default_holders, help="sample holders to start (comma list)")
+    parser.add_argument("--holders", default="living-room,basement", help="sample holders to start (comma list)")
     args = parser.parse_args(argv)
     if args.command == "fetch":
         if not os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):

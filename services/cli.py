@@ -13,8 +13,21 @@ import click
 
 
 @click.group()
-def main() -> None:
-    """Hearth: accounts, device linking and revocation fan-out for self-hosted media."""
+@click.option("--env-file", default=None, metavar="PATH",
+              help="settings of the stack to talk to; default: HEARTH_ENV_FILE, else .run/hearth.env. "
+                   "Values already in the environment win.")
+def main(env_file: str | None) -> None:
+    """Hearth: accounts, device linking and revocation fan-out for self-hosted media.
+
+    Every subcommand that talks to a running stack reads its settings from the environment, then
+    from the stack's env file (written by the launcher: .run/hearth.env) for whatever is missing.
+    """
+    from shared import stackenv
+
+    try:
+        stackenv.load(env_file)
+    except stackenv.EnvFileError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 @main.command()
@@ -26,13 +39,9 @@ def run(run_dir: str) -> None:
     raise SystemExit(launcher.main(["run", "--run-dir", run_dir]))
 
 
-# Subcommands whose modules exist are added; each module exposes a click command named ``command``.
+# Each subcommand lives with the code it drives; its module exposes a click command named ``command``.
 for _module in ("services.holder.cli", "services.fanout.cli", "services.auth.admin"):
-    try:
-        main.add_command(importlib.import_module(_module).command)
-    except ModuleNotFoundError as exc:
-        if exc.name is None or not _module.startswith(exc.name):
-            raise
+    main.add_command(importlib.import_module(_module).command)
 
 
 if __name__ == "__main__":

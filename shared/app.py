@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import asyncpg
 import orjson
@@ -57,6 +57,7 @@ HTTP_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
 
+S = TypeVar("S", bound=CommonSettings)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 ReadyCheck = Callable[[], Awaitable[bool]]
 
@@ -182,6 +183,21 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+class SettingsOf(Generic[S]):
+    """The one way to read a service's settings from a request or an app: ``_settings =
+    SettingsOf(Settings)`` once per module, then ``_settings(request)`` (or ``_settings(app)``)."""
+
+    def __init__(self, cls: type[S]) -> None:
+        self.cls = cls
+
+    def __call__(self, where: web.Request | web.Application) -> S:
+        app = where.app if isinstance(where, web.Request) else where
+        s = app[SETTINGS]
+        if not isinstance(s, self.cls):
+            raise TypeError(f"this app's settings are {type(s).__name__}, not {self.cls.__name__}")
+        return s
 
 
 def base_app(settings: CommonSettings) -> web.Application:

@@ -64,6 +64,12 @@ class Unauthorized(HearthError):
     plex_code = 1001
 
 
+class InvalidToken(Unauthorized):
+    code = "invalid_token"
+    title = "Invalid token"
+    plex_code = 1001
+
+
 class Forbidden(HearthError):
     status = 403
     code = "forbidden"

@@ -1,9 +1,14 @@
 """The event envelope, the registry of event types, and the topic names.
 
 Every event on Kafka is one JSON envelope (orjson): ``id`` (UUID, unique forever), ``type`` (past
-tense), ``occurred_at`` (RFC 3339 UTC), ``producer``, ``key`` (the account id; also the Kafka record
-key, so one account's events stay in order on one partition), ``data`` and ``trace`` (W3C trace
-context, optional). Kafka headers repeat ``event_type``, ``event_id`` and ``content-type`` so
+tense), ``occurred_at`` (RFC 3339 UTC), ``producer``, ``key`` (also the Kafka record key, so events of
+one key stay in order on one partition), ``data`` and ``trace`` (W3C trace context, optional).
+
+The key is the account id for every event about one account. Batch events have no single account:
+``accounts.reset_required`` and ``passwords.changed`` (the breach command) are keyed by the incident
+id, a bulk ``sessions.revoked`` by whatever key its caller gave (the incident id for a breach),
+``revocation.applied`` by the revocation id, and ``notification.dead_lettered`` by the account id, or
+the event id when the delivery had no account. Kafka headers repeat ``event_type``, ``event_id`` and ``content-type`` so
 consumers can route without decoding.
 
 Event payloads are frozen dataclasses with a ``TYPE``; :func:`decode_data` turns an envelope's
@@ -213,22 +218,12 @@ class AccountResetRequired(Event):
     expires_at: str | None = None
 
 
-@dataclass(frozen=True)
-class ResetRequiredAccount:
-    """One account of an :class:`AccountsResetRequired` batch (a plain mapping on the wire)."""
-
-    account_id: str
-    email: str
-    username: str
-    sealed_token: str | None = None
-
-
 @register
 @dataclass(frozen=True)
 class AccountsResetRequired(Event):
     """Batch form of ``account.reset_required`` written by the breach command (one event per batch
-    of accounts, key = incident id). ``accounts`` holds mappings with the fields of
-    :class:`ResetRequiredAccount`; each ``sealed_token`` is sealed with context = its account id."""
+    of accounts, key = incident id). ``accounts`` holds mappings with ``account_id``, ``email``,
+    ``username`` and ``sealed_token`` (sealed with context = its account id, or null)."""
 
     TYPE: ClassVar[str] = "accounts.reset_required"
     incident_id: str

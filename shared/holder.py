@@ -250,6 +250,15 @@ class HolderKit:
                 if not keys:
                     del index[ident]
 
+    def forget(self, token: str) -> None:
+        """Drop one token's cached answer (the service that revoked it knows before the event)."""
+        self._seq += 1
+        key = self._key(token)
+        entry = self._cache.pop(key, None)
+        if entry is not None:
+            self._unindex(key, entry)
+            CACHE_SIZE.labels(self.holder_id).set(len(self._cache))
+
     def drop_cache(self, why: str) -> None:
         """Forget everything (restart, rebalance, or a gap in the revocation stream)."""
         self._seq += 1

@@ -95,9 +95,10 @@ class InternalClient:
 
     Internal calls sit on hot paths (every sign-in mints its session through one), so this is a
     deliberately small client: pooled connections, requests written as one buffer, answers parsed by
-    httptools. A general-purpose client (aiohttp's) spends about 0.4 ms more CPU per call on this
-    machine when the process wakes for it alone. Idle connections are dropped after 30 s, well before
-    the server's keep-alive timeout (75 s), so a pooled connection is not closed under a request.
+    httptools: a general-purpose client (aiohttp's) spends measurably more CPU per call when the
+    process wakes for it alone (see the README's benchmark section). Idle connections are dropped
+    after 30 s, well before the server's keep-alive timeout (75 s), so a pooled connection is not
+    closed under a request.
     """
 
     IDLE_LIMIT = 30.0
@@ -200,12 +201,19 @@ class InternalClient:
 
 
 def _error(status: int, data: Any, retry_after: str | None) -> HearthError:
-    detail = code = None
-    if isinstance(data, dict) and isinstance(data.get("errors"), list) and data["errors"]:
+    """The callee's error as a HearthError that keeps its status, code, Plex code, field and
+    Retry-After, so the caller can show each message next to its field."""
+    detail = code = field = None
+    plex_code: int | None = None
+    if isinstance(data, dict) and isinstance(data.get("errors"), list) and data["errors"] \
+            and isinstance(data["errors"][0], dict):
         first = data["errors"][0]
-        detail, code = first.get("message"), str(first.get("code"))
+        detail, code, field = first.get("message"), str(first.get("code")), first.get("field")
+        plex_code = first["code"] if isinstance(first.get("code"), int) else None
     elif isinstance(data, dict):
         detail, code = data.get("detail") or data.get("error_description"), data.get("code") or data.get("error")
+        field = data.get("field")
     wait = int(retry_after) if retry_after and retry_after.isdigit() else None
     return HearthError(detail or f"call failed ({status})", status=status if status < 500 else 503,
-                       code=code or "internal_call_failed", retry_after=wait)
+                       code=str(code) if code else "internal_call_failed", retry_after=wait,
+                       field=str(field) if isinstance(field, str) and field else None, plex_code=plex_code)

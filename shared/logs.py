@@ -47,6 +47,41 @@ class RedactFilter(logging.Filter):
         return True
 
 
+class CoordinatorWaitFilter(logging.Filter):
+    """aiokafka logs ERROR while the broker's group coordinator is still loading (at every start,
+    and after a broker failover) although it retries by itself, and readiness already reports a
+    consumer that has no partitions yet. Those messages become one INFO line, "waiting for Kafka's
+    group coordinator", at most every ``every`` seconds; their text stays at DEBUG. Anything else
+    aiokafka reports is left as it is."""
+
+    LOGGER = "aiokafka.consumer.group_coordinator"
+    RETRIABLE = ("GroupCoordinatorNotAvailable", "CoordinatorNotAvailable", "CoordinatorLoadInProgress",
+                 "NotCoordinator", "marking coordinator dead", "Marking the coordinator dead")
+
+    def __init__(self, every: float = 30.0) -> None:
+        super().__init__()
+        self.every = every
+        self._last = float("-inf")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != self.LOGGER or record.levelno < logging.WARNING:
+            return True
+        text = record.getMessage()
+        if not any(marker in text for marker in self.RETRIABLE):
+            return True
+        import time
+
+        now = time.monotonic()
+        record.detail = text
+        if now - self._last >= self.every:
+            self._last = now
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = "waiting for Kafka's group coordinator", None
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
 def setup(service: str, level: str = "INFO") -> None:
     """Configure the root logger to write one JSON object per line on stdout."""
     handler = logging.StreamHandler(sys.stdout)
@@ -57,6 +92,7 @@ def setup(service: str, level: str = "INFO") -> None:
         )
     )
     handler.addFilter(ContextFilter(service))
+    handler.addFilter(CoordinatorWaitFilter())
     handler.addFilter(RedactFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

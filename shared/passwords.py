@@ -10,7 +10,7 @@
 - ``nice``: the hashing threads run that much below normal priority, so that under saturation the
   event loop, PostgreSQL, the proxy and the other services preempt a hash as soon as they wake.
   Throughput is unchanged (the hashes still get every idle cycle); request latency beside a
-  saturated sign-in drops (measured: GET /api/v2/user p99 15 to 20 ms at nice 0, 7 to 8 ms at 10).
+  saturated sign-in drops (the README's benchmark section has the measured figures).
 - ``verify_dummy`` burns the same time as a real verification, for unknown logins.
 - ``in_flight`` counts hashes handed to the threads and not yet finished; ``on_settled`` callbacks
   run (on the event loop, after the finishing caller has moved on) each time one finishes. Sign-in's

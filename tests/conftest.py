@@ -31,6 +31,15 @@ from shared import db  # noqa: E402
 from shared.settings import with_database  # noqa: E402
 
 RUN_ID = uuid.uuid4().hex[:8]
+_REAL = {"stack", "stack_obj", "infra", "scratch_db", "topic", "tap"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that asks for none of the real-server fixtures is a unit test (``make test-unit``)."""
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        if not names & _REAL and item.get_closest_marker("stack") is None:
+            item.add_marker(pytest.mark.unit)
 TEST_HOLDERS = ("alpha", "beta", "gamma")
 
 
@@ -69,7 +78,7 @@ def stack_obj() -> Iterator[Stack]:
         run_dir,
         console=False,
         fixed_ports=False,
-        holders=TEST_HOLDERS if (ROOT / "services" / "holder" / "cli.py").exists() else (),
+        holders=TEST_HOLDERS,
         topic_prefix=prefix,
         fast_db=True,
         extra_env={
@@ -103,6 +112,7 @@ def infra(stack_obj: Stack) -> Infra:
 
 
 _stack_started = False
+START_LOGS: dict[str, bytes] = {}
 
 
 @pytest.fixture(scope="session")
@@ -112,6 +122,9 @@ def stack(stack_obj: Stack) -> Stack:
     if not _stack_started:
         stack_obj.start_rest()
         _stack_started = True
+        # What every process logged while starting (readiness includes the consumers' assignment):
+        # tests/newuser checks that a clean start logged no ERROR.
+        START_LOGS.update({p.name: p.read_bytes() for p in (stack_obj.run_dir / "logs").glob("*.log")})
     return stack_obj
 
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from services.auth import breach
 from services.auth.service import normalise_login
 from services.auth.settings import Settings
-from shared import db
+from shared import db, stackenv
 from shared.crypto import Sealer
 from shared.events import AUTH_EVENTS
 from shared.holder import holder_secret
@@ -36,14 +36,10 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 
 
 def _load_env(path: str | None) -> None:
-    candidate = Path(path) if path else Path(".run/hearth.env")
-    if candidate.exists():
-        for line in candidate.read_text().splitlines():
-            key, sep, value = line.partition("=")
-            if sep and key and not line.startswith("#"):
-                os.environ.setdefault(key.strip(), value.strip())
-    elif path:
-        raise click.ClickException(f"env file {path} not found")
+    try:
+        stackenv.load(path)
+    except stackenv.EnvFileError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 def _settings(env_file: str | None) -> Settings:

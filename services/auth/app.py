@@ -14,7 +14,7 @@ from services.auth.minting import MintBatcher
 from services.auth.service import Auth, Topics
 from services.auth.settings import Settings
 from shared import cors, throttle
-from shared.app import POOL, SETTINGS, base_app, periodic_ctx, pool_ctx, producer_ctx, relay_ctx
+from shared.app import POOL, SettingsOf, base_app, periodic_ctx, pool_ctx, producer_ctx, relay_ctx
 from shared.crypto import parse_keys
 from shared.events import AUTH_EVENTS
 from shared.holder import holder_ctx_factory
@@ -25,10 +25,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 log = logging.getLogger(__name__)
 
 
-def _settings(app: web.Application) -> Settings:
-    s = app[SETTINGS]
-    assert isinstance(s, Settings)
-    return s
+_settings = SettingsOf(Settings)
 
 
 async def auth_ctx(app: web.Application) -> AsyncIterator[None]:

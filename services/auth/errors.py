@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-from shared.errors import Conflict, HearthError, Throttled, Unauthorized, ValidationFailed
+from shared.errors import Conflict, HearthError, InvalidToken, Throttled, Unauthorized, ValidationFailed
+
+__all__ = ["InvalidToken"]  # shared: every service refuses a bad X-Plex-Token the same way
 
 
 class BadCredentials(Unauthorized):
     code = "invalid_credentials"
     title = "User could not be authenticated"
-    plex_code = 1001
-
-
-class InvalidToken(Unauthorized):
-    code = "invalid_token"
-    title = "Invalid token"
     plex_code = 1001
 
 

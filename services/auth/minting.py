@@ -2,8 +2,8 @@
 
 Every sign-in asks devicesession for a session. Under a saturated sign-in load each such call wakes
 devicesession, its PostgreSQL backend and auth's own loop for one request, beside memory-hard hashing
-that keeps every cache cold: about 1.7 ms of CPU per sign-in on the 2-core bench machine, when the
-hash itself takes 20. Mints that arrive close together are cheaper as one call (one request, one
+that keeps every cache cold, a cost that matters beside the hash itself (figures: the README's
+benchmark section). Mints that arrive close together are cheaper as one call (one request, one
 statement), so the batcher holds a mint while other sign-ins are still hashing, for at most
 ``window`` seconds, and sends what has gathered to ``POST /internal/sessions/batch``.
 

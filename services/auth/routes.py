@@ -14,10 +14,11 @@ from services.auth.minting import MintBatcher
 from services.auth.service import Auth
 from services.auth.settings import Settings
 from shared import plex
-from shared.app import SETTINGS, client_address, json_object
+from shared.app import SettingsOf, client_address, json_object
 from shared.errors import HearthError, MissingClientIdentifier, NotFound, ValidationFailed
 from shared.holder import HOLDER, Principal
 from shared.internal import InternalClient, require_internal
+from shared.principal import token_principal
 from shared.tokens import same
 
 AUTH = web.AppKey("auth", Auth)
@@ -26,10 +27,7 @@ MINTER = web.AppKey("minter", MintBatcher)
 BACKGROUND = web.AppKey("background", set)
 
 
-def _settings(request: web.Request) -> Settings:
-    s = request.app[SETTINGS]
-    assert isinstance(s, Settings)
-    return s
+_settings = SettingsOf(Settings)
 
 
 def _is_internal(request: web.Request) -> bool:
@@ -95,12 +93,7 @@ async def _mint(request: web.Request, account: store.Account, remember: bool) ->
     return str(answer["token"])
 
 
-async def _principal(request: web.Request) -> tuple[Principal, str]:
-    token = await plex.param(request, "X-Plex-Token")
-    principal = await request.app[HOLDER].validate(token)
-    if principal is None or token is None:
-        raise InvalidToken()
-    return principal, token
+_principal = token_principal
 
 
 async def _account_of(request: web.Request) -> tuple[store.Account, Principal, str]:
@@ -149,7 +142,11 @@ async def get_user(request: web.Request) -> web.Response:
 
 async def sign_out(request: web.Request) -> web.Response:
     _, token = await _principal(request)
+    # devicesession answers once the revocation is committed and Hearth's own holders (this one
+    # included) have applied it; forgetting the token here as well keeps this service strict even
+    # when that wait runs out.
     await request.app[DEVICESESSION].call("POST", "/internal/sessions/revoke", {"token": token})
+    request.app[HOLDER].forget(token)
     return web.Response(status=204)
 
 
@@ -175,9 +172,10 @@ async def request_reset(request: web.Request) -> web.Response:
 
 async def _changed(request: web.Request, event_id: str, sign_out: bool) -> web.Response:
     """204 once the change is committed. With sign-out, wait (briefly) until devicesession has
-    revoked the sessions, so that when the answer arrives no old token introspects as active; the
-    holders' caches follow within milliseconds. If devicesession is slow, answer anyway: the event is
-    committed and will be applied."""
+    revoked the sessions and Hearth's own holders (auth, linkcode, web) have evicted them, so that
+    when the answer arrives no Hearth service accepts an old token; third-party holders follow
+    within milliseconds. If devicesession is slow, answer anyway: the event is committed and will
+    be applied."""
     headers = {"X-Hearth-Event-Id": event_id}
     if sign_out:
         deadline = asyncio.get_running_loop().time() + _settings(request).revocation_wait
@@ -187,6 +185,10 @@ async def _changed(request: web.Request, event_id: str, sign_out: bool) -> web.R
                 outcome = await request.app[DEVICESESSION].call(
                     "GET", f"/internal/revocations?causing_event_id={event_id}")
                 headers["X-Hearth-Sessions-Revoked"] = str(outcome["revoked"])
+                if outcome["revoked"]:
+                    # Read-your-writes: answer once Hearth's own holders have evicted the tokens.
+                    await request.app[DEVICESESSION].call(
+                        "POST", f"/internal/revocations/{outcome['revocation_id']}/applied")
                 break
             except HearthError as exc:
                 if exc.status != 404:

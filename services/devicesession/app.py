@@ -16,6 +16,7 @@ from shared.app import (
     POOL,
     PRODUCER,
     SETTINGS,
+    SettingsOf,
     base_app,
     consumer_ctx,
     periodic_ctx,
@@ -29,19 +30,13 @@ from shared.events import (
     DEVICESESSION_EVENTS,
     REVOCATIONS_APPLIED,
     SESSIONS_REVOKED,
-    PasswordChanged,
-    PasswordsChanged,
-    RevocationApplied,
 )
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 log = logging.getLogger(__name__)
 
 
-def _settings(app: web.Application) -> Settings:
-    s = app[SETTINGS]
-    assert isinstance(s, Settings)
-    return s
+_settings = SettingsOf(Settings)
 
 
 async def topics_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -76,7 +71,6 @@ def auth_consumer(app: web.Application) -> ConsumerRunner:
     return ConsumerRunner(
         bootstrap=s.kafka_bootstrap_servers, group=s.group("devicesession.revoker"), topics=[s.topic(AUTH_EVENTS)],
         handler=events.make_auth_handler(app[routes.TOPICS]), producer=app[PRODUCER], pool=app[POOL],
-        types=[PasswordChanged.TYPE, PasswordsChanged.TYPE],
     )
 
 
@@ -84,8 +78,7 @@ def ack_consumer(app: web.Application) -> ConsumerRunner:
     s = app[SETTINGS]
     return ConsumerRunner(
         bootstrap=s.kafka_bootstrap_servers, group=s.group("devicesession.acks"),
-        topics=[s.topic(REVOCATIONS_APPLIED)], handler=events.handle_ack, producer=app[PRODUCER], pool=app[POOL],
-        types=[RevocationApplied.TYPE],
+        topics=[s.topic(REVOCATIONS_APPLIED)], handler=events.ACKS, producer=app[PRODUCER], pool=app[POOL],
     )
 
 

@@ -18,12 +18,16 @@ import uuid
 import asyncpg
 
 from services.devicesession import service, store
+from shared.dispatch import EventHandlers
 from shared.events import (
+    AccountCreated,
+    AccountResetRequired,
+    AccountsResetRequired,
     Envelope,
     PasswordChanged,
+    PasswordResetRequested,
     PasswordsChanged,
     RevocationApplied,
-    decode_data,
     parse_time,
 )
 
@@ -34,25 +38,27 @@ def _uuid(value: str | None) -> uuid.UUID | None:
     return uuid.UUID(value)
 
 
-def make_auth_handler(topics: service.Topics):  # type: ignore[no-untyped-def]
-    async def handle_auth_event(conn: asyncpg.Connection, env: Envelope) -> None:
-        if env.type == PasswordChanged.TYPE:
-            ev = decode_data(env, PasswordChanged)
-            if not ev.revoke_sessions:
-                return
-            await service.revoke(conn, topics, cause=ev.cause, causing_event_id=env.id,
-                                 account_id=uuid.UUID(ev.account_id), except_session_id=_uuid(ev.keep_session_id))
-        elif env.type == PasswordsChanged.TYPE:
-            batch = decode_data(env, PasswordsChanged)
-            if not batch.revoke_sessions or not batch.account_ids:
-                return
-            await service.revoke(conn, topics, cause=batch.cause, causing_event_id=env.id,
-                                 account_ids=[uuid.UUID(a) for a in batch.account_ids],
-                                 key_account=batch.incident_id, incident_id=batch.incident_id)
+def make_auth_handler(topics: service.Topics) -> EventHandlers:
+    async def on_password_changed(conn: asyncpg.Connection, ev: PasswordChanged, env: Envelope) -> None:
+        if ev.revoke_sessions:
+            await service.revoke_sessions(conn, topics,
+                                          service.AccountSessions(uuid.UUID(ev.account_id), _uuid(ev.keep_session_id)),
+                                          service.Cause(ev.cause, event_id=env.id))
 
-    return handle_auth_event
+    async def on_passwords_changed(conn: asyncpg.Connection, batch: PasswordsChanged, env: Envelope) -> None:
+        if batch.revoke_sessions and batch.account_ids:
+            await service.cut_off_accounts(conn, topics, [uuid.UUID(a) for a in batch.account_ids],
+                                           service.Cause(batch.cause, event_id=env.id, incident_id=batch.incident_id),
+                                           key=batch.incident_id)
+
+    return EventHandlers("devicesession.revoker", {
+        PasswordChanged: on_password_changed,
+        PasswordsChanged: on_passwords_changed,
+    }, ignored=[AccountCreated, PasswordResetRequested, AccountResetRequired, AccountsResetRequired])
 
 
-async def handle_ack(conn: asyncpg.Connection, env: Envelope) -> None:
-    ack = decode_data(env, RevocationApplied)
+async def on_ack(conn: asyncpg.Connection, ack: RevocationApplied, env: Envelope) -> None:
     await store.insert_ack(conn, uuid.UUID(ack.revocation_id), ack.holder_id[:200], parse_time(ack.applied_at))
+
+
+ACKS = EventHandlers("devicesession.acks", {RevocationApplied: on_ack})

@@ -14,7 +14,7 @@ from services.devicesession import service, store
 from services.devicesession.errors import DeviceNotFound, HolderUnauthorized, InvalidMint, InvalidToken
 from services.devicesession.settings import Settings
 from shared import plex
-from shared.app import POOL, SETTINGS, json_object
+from shared.app import POOL, SettingsOf, json_object
 from shared.errors import NotFound, ValidationFailed
 from shared.holder import holder_secret
 from shared.internal import require_internal
@@ -26,10 +26,7 @@ TOUCHES = web.AppKey("touches", dict)
 MINT_POOL = web.AppKey("mint_pool", asyncpg.Pool)
 
 
-def _settings(request: web.Request) -> Settings:
-    s = request.app[SETTINGS]
-    assert isinstance(s, Settings)
-    return s
+_settings = SettingsOf(Settings)
 
 
 def _internal(request: web.Request) -> None:
@@ -103,39 +100,53 @@ async def mint_sessions(request: web.Request) -> web.Response:
     return web.json_response({"sessions": answers})
 
 
+def _cause(body: dict[str, object], default: str) -> service.Cause:
+    incident = body.get("incident_id")
+    return service.Cause(str(body.get("cause") or default)[:40], incident_id=str(incident)[:100] if incident else None)
+
+
 async def revoke_sessions(request: web.Request) -> web.Response:
+    """One of: ``token`` or ``session_id`` (that session), ``account_id`` with an optional
+    ``except_session_id`` (all the account's others), or ``account_ids`` (bulk cutoff)."""
     _internal(request)
     body = await json_object(request)
-    s = _settings(request)
+    modes = [k for k in ("token", "session_id", "account_id", "account_ids") if k in body]
+    if len(modes) != 1:
+        raise InvalidMint("give exactly one of token, session_id, account_id or account_ids")
+    mode = modes[0]
     topics = request.app[TOPICS]
-    async with request.app[POOL].acquire() as conn, conn.transaction():
-        if "token" in body:
-            info = await service.find_session(conn, s.hmac_key(), str(body["token"]))
-            if info is None:
-                return web.json_response({"revoked": 0, "revocation_id": None})
-            n, rid = await service.revoke(conn, topics, cause="signout", account_id=info.account_id,
-                                          session_ids=[info.session_id])
-        elif "session_id" in body:
-            sid = _uuid(body["session_id"], "session_id")
-            n, rid = await service.revoke(conn, topics, cause=str(body.get("cause") or "signout")[:40],
-                                          session_ids=[sid])
-        elif "account_ids" in body:
+    async with request.app[POOL].acquire() as conn:
+        if mode == "account_ids":
             ids = body["account_ids"]
             if not isinstance(ids, list) or not ids or len(ids) > 10_000:
                 raise InvalidMint("account_ids must be a list of 1 to 10000 UUIDs")
-            n, rid = await service.revoke(conn, topics, cause=str(body.get("cause") or "admin")[:40],
-                                          account_ids=[_uuid(a, "account_ids") for a in ids],
-                                          key_account=str(body.get("key") or ids[0])[:100],
-                                          incident_id=str(body["incident_id"])[:100] if body.get("incident_id")
-                                          else None)
-        elif "account_id" in body:
-            acct = _uuid(body["account_id"], "account_id")
-            keep = _uuid(body["except_session_id"], "except_session_id") if body.get("except_session_id") else None
-            n, rid = await service.revoke(conn, topics, cause=str(body.get("cause") or "signout_all")[:40],
-                                          account_id=acct, except_session_id=keep)
+            accounts = [_uuid(a, "account_ids") for a in ids]
+            rev = await service.cut_off_accounts(conn, topics, accounts, _cause(body, "admin"),
+                                                 key=str(body.get("key") or ids[0])[:100])
+            # A bulk (breach) revocation answers at once: nobody waits on the next request.
+            return web.json_response({"revoked": rev.revoked, "revocation_id": rev.revocation_id,
+                                      "not_applied_by": []})
+        selector: service.SessionSelector
+        if mode == "token":
+            info = await service.find_session(conn, _settings(request).hmac_key(), str(body["token"]))
+            if info is None:
+                return web.json_response({"revoked": 0, "revocation_id": None, "not_applied_by": []})
+            selector, default = service.OneSession(info.session_id), "signout"
+        elif mode == "session_id":
+            selector, default = service.OneSession(_uuid(body["session_id"], "session_id")), "signout"
         else:
-            raise InvalidMint("give token, session_id or account_id")
-    return web.json_response({"revoked": n, "revocation_id": rid if n else None})
+            keep = _uuid(body["except_session_id"], "except_session_id") if body.get("except_session_id") else None
+            selector, default = service.AccountSessions(_uuid(body["account_id"], "account_id"), keep), "signout_all"
+        rev = await service.revoke_sessions(conn, topics, selector, _cause(body, default))
+    # Committed. A sign-out answers once Hearth's own holders have applied it, so the next request
+    # to any Hearth service is refused.
+    missing = await _await_applied(request, rev.revocation_id)
+    return web.json_response({"revoked": rev.revoked, "revocation_id": rev.revocation_id, "not_applied_by": missing})
+
+
+async def _await_applied(request: web.Request, revocation_id: str | None) -> list[str]:
+    s = _settings(request)
+    return await service.await_applied(request.app[POOL], revocation_id, s.wait_holders(), s.applied_wait)
 
 
 async def list_account_devices(request: web.Request) -> web.Response:
@@ -165,10 +176,12 @@ async def remove_account_device(request: web.Request) -> web.Response:
     account_id = _uuid(request.match_info["account_id"], "account_id")
     device_id = _device_id(request.match_info["device_id"])
     async with request.app[POOL].acquire() as conn:
-        n = await service.remove_device(conn, request.app[TOPICS], account_id, device_id)
-    if n is None:
+        removed = await service.remove_device(conn, request.app[TOPICS], account_id, device_id)
+    if removed is None:
         raise DeviceNotFound()
-    return web.json_response({"revoked": n})
+    n, rid = removed
+    missing = await _await_applied(request, rid)
+    return web.json_response({"revoked": n, "revocation_id": rid, "not_applied_by": missing})
 
 
 async def revocation_outcome(request: web.Request) -> web.Response:
@@ -179,6 +192,13 @@ async def revocation_outcome(request: web.Request) -> web.Response:
         raise NotFound("not processed yet")
     return web.json_response({"revocation_id": str(row["id"]), "revoked": row["revoked"], "cause": row["cause"],
                               "created_at": row["created_at"].isoformat()})
+
+
+async def await_revocation_applied(request: web.Request) -> web.Response:
+    """Answer once Hearth's own holders have applied the revocation (or the wait ran out)."""
+    _internal(request)
+    rid = str(_uuid(request.match_info["revocation_id"], "revocation_id"))
+    return web.json_response({"revocation_id": rid, "not_applied_by": await _await_applied(request, rid)})
 
 
 async def revocation_acks(request: web.Request) -> web.Response:
@@ -291,9 +311,10 @@ async def delete_device(request: web.Request) -> web.Response:
     info = await _account(request)
     device_id = _device_id(request.match_info["device_id"])
     async with request.app[POOL].acquire() as conn:
-        n = await service.remove_device(conn, request.app[TOPICS], info.account_id, device_id)
-    if n is None:
+        removed = await service.remove_device(conn, request.app[TOPICS], info.account_id, device_id)
+    if removed is None:
         raise DeviceNotFound()
+    await _await_applied(request, removed[1])
     return web.Response(status=204)
 
 
@@ -306,6 +327,7 @@ def setup_routes(app: web.Application) -> None:
     r.add_delete("/internal/accounts/{account_id}/devices/{device_id}", remove_account_device)
     r.add_get("/internal/revocations", revocation_outcome)
     r.add_get("/internal/revocations/{revocation_id}/acks", revocation_acks)
+    r.add_post("/internal/revocations/{revocation_id}/applied", await_revocation_applied)
     r.add_get("/internal/incidents/{incident_id}/revocations", incident_revocations)
     r.add_post("/oauth/introspect", introspect)
     r.add_get("/devices.xml", list_devices)

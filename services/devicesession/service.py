@@ -10,6 +10,7 @@ Invariants:
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from dataclasses import dataclass
@@ -146,63 +147,151 @@ async def find_session(pool: asyncpg.Pool | asyncpg.Connection, key: bytes, toke
     return await store.find_active_session(pool, tokens.digest(key, token, purpose="session"))
 
 
-async def revoke(conn: asyncpg.Connection, topics: Topics, *, cause: str, causing_event_id: uuid.UUID | None = None,
-                 account_id: uuid.UUID | None = None, account_ids: list[uuid.UUID] | None = None,
-                 session_ids: list[uuid.UUID] | None = None, device_id: int | None = None,
-                 except_session_id: uuid.UUID | None = None, key_account: str | None = None,
-                 incident_id: str | None = None) -> tuple[int, str | None]:
-    """Revoke in one statement and publish one ``sessions.revoked`` (if anything was revoked).
+@dataclass(frozen=True)
+class AccountSessions:
+    """Every live session of one account, but ``except_session_id`` (the one that asked) if given."""
 
-    Must run inside a transaction. Returns (number revoked, revocation id or None)."""
-    if causing_event_id is not None and await store.find_revocation_by_cause(conn, causing_event_id) is not None:
-        return 0, None  # this cause was handled before: revoking again would cut off sessions made since
-    bulk = account_ids is not None
-    if account_ids is not None:
-        if account_id is not None or session_ids is not None or device_id is not None or except_session_id:
-            raise ValueError("a bulk revocation selects whole accounts only")
-        accounts, count, cutoff = await store.cut_off_accounts(conn, reason=cause, account_ids=account_ids)
-        revoked: list[tuple[uuid.UUID, uuid.UUID]] = []
-    else:
-        revoked, cutoff = await store.revoke_sessions(
-            conn, reason=cause, account_id=account_id, session_ids=session_ids, device_id=device_id,
-            except_session_id=except_session_id,
-        )
-        accounts, count = sorted({a for _, a in revoked}), len(revoked)
-    revocation_id = uuid.uuid4()
+    account_id: uuid.UUID
+    except_session_id: uuid.UUID | None = None
+
+
+@dataclass(frozen=True)
+class DeviceSessions:
+    """Every live session of one device of one account."""
+
+    account_id: uuid.UUID
+    device_id: int
+
+
+@dataclass(frozen=True)
+class OneSession:
+    """One session (sign-out of a token, a compensated mint)."""
+
+    session_id: uuid.UUID
+
+
+SessionSelector = AccountSessions | DeviceSessions | OneSession
+
+
+@dataclass(frozen=True)
+class Cause:
+    """Why sessions are revoked. With ``event_id`` (the causing event) a revocation happens at most
+    once per event: a redelivered event revokes nothing twice and publishes nothing."""
+
+    name: str
+    event_id: uuid.UUID | None = None
+    incident_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Revocation:
+    revoked: int
+    revocation_id: str | None  # None when nothing was revoked now
+
+    @classmethod
+    def none(cls) -> Revocation:
+        return cls(0, None)
+
+
+async def _handled_before(conn: asyncpg.Connection, cause: Cause) -> bool:
+    return cause.event_id is not None and await store.find_revocation_by_cause(conn, cause.event_id) is not None
+
+
+async def _record_and_publish(conn: asyncpg.Connection, topics: Topics, cause: Cause, *, account_id: uuid.UUID | None,
+                              count: int, cutoff: datetime, event: SessionsRevoked | None) -> Revocation:
+    revocation_id = uuid.UUID(event.revocation_id) if event else uuid.uuid4()
     recorded = await store.insert_revocation(
-        conn, revocation_id, account_id=account_id, causing_event_id=causing_event_id, cause=cause,
-        revoked=count, cutoff=cutoff, incident_id=incident_id,
+        conn, revocation_id, account_id=account_id, causing_event_id=cause.event_id, cause=cause.name,
+        revoked=count, cutoff=cutoff, incident_id=cause.incident_id,
     )
-    if not recorded:
-        return 0, None  # this cause was handled before (its effects are committed already)
-    if not count:
-        return 0, str(revocation_id)
-    event = SessionsRevoked(
-        revocation_id=str(revocation_id),
-        account_id=key_account or str(account_id or accounts[0]),
-        session_ids=[str(s) for s, _ in revoked] if not bulk else [],
-        cutoff=iso(cutoff),
-        cause=cause,
-        causing_event_id=str(causing_event_id) if causing_event_id else None,
-        all_sessions=bulk,
-        account_ids=sorted(str(a) for a in accounts) if bulk else None,
-    )
-    env = envelope(event, producer=PRODUCER, key=event.account_id)
-    await outbox.add(conn, topics.sessions_revoked, env)
-    return count, str(revocation_id)
+    if not recorded or not count or event is None:
+        return Revocation.none()  # handled before (its effects are committed already), or nothing to revoke
+    await outbox.add(conn, topics.sessions_revoked, envelope(event, producer=PRODUCER, key=event.account_id))
+    return Revocation(count, event.revocation_id)
+
+
+async def revoke_sessions(conn: asyncpg.Connection, topics: Topics, selector: SessionSelector,
+                          cause: Cause) -> Revocation:
+    """Revoke the selected live sessions in one statement and publish one ``sessions.revoked``
+    naming them, in one transaction (a savepoint inside the caller's, e.g. a consumer's)."""
+    async with conn.transaction():
+        if await _handled_before(conn, cause):
+            return Revocation.none()  # revoking again would cut off sessions made since
+        match selector:
+            case AccountSessions(account_id=account, except_session_id=keep):
+                revoked, cutoff = await store.revoke_sessions(conn, reason=cause.name, account_id=account,
+                                                              except_session_id=keep)
+            case DeviceSessions(account_id=account, device_id=device):
+                revoked, cutoff = await store.revoke_sessions(conn, reason=cause.name, account_id=account,
+                                                              device_id=device)
+            case OneSession(session_id=sid):
+                revoked, cutoff = await store.revoke_sessions(conn, reason=cause.name, session_ids=[sid])
+        key_account = selector.account_id if not isinstance(selector, OneSession) else (
+            revoked[0][1] if revoked else None)
+        event = SessionsRevoked(
+            revocation_id=str(uuid.uuid4()), account_id=str(key_account), session_ids=[str(s) for s, _ in revoked],
+            cutoff=iso(cutoff), cause=cause.name,
+            causing_event_id=str(cause.event_id) if cause.event_id else None,
+        ) if revoked else None
+        return await _record_and_publish(conn, topics, cause, account_id=key_account, count=len(revoked),
+                                         cutoff=cutoff, event=event)
+
+
+async def cut_off_accounts(conn: asyncpg.Connection, topics: Topics, account_ids: list[uuid.UUID], cause: Cause, *,
+                           key: str) -> Revocation:
+    """Bulk revocation (breach, admin): every session of these accounts created up to now is dead,
+    recorded as one cutoff per account rather than a rewrite of each session row; one
+    ``sessions.revoked`` naming the accounts, keyed by ``key`` (an incident id, say)."""
+    async with conn.transaction():
+        if await _handled_before(conn, cause):
+            return Revocation.none()
+        accounts, count, cutoff = await store.cut_off_accounts(conn, reason=cause.name, account_ids=account_ids)
+        event = SessionsRevoked(
+            revocation_id=str(uuid.uuid4()), account_id=key, session_ids=[], cutoff=iso(cutoff), cause=cause.name,
+            causing_event_id=str(cause.event_id) if cause.event_id else None, all_sessions=True,
+            account_ids=sorted(str(a) for a in accounts),
+        ) if count else None
+        return await _record_and_publish(conn, topics, cause, account_id=None, count=count, cutoff=cutoff,
+                                         event=event)
 
 
 async def remove_device(conn: asyncpg.Connection, topics: Topics, account_id: uuid.UUID, device_id: int
-                        ) -> int | None:
-    """Sign a device out: revoke its sessions, hide it from lists, publish the events."""
+                        ) -> tuple[int, str | None] | None:
+    """Sign a device out: revoke its sessions, hide it from lists, publish the events.
+    Returns (sessions revoked, revocation id), or None when the account has no such device."""
     async with conn.transaction():
         device = await store.find_device(conn, account_id, device_id)
         if device is None:
             return None
-        n, _ = await revoke(conn, topics, cause="device_removed", account_id=account_id, device_id=device_id)
+        rev = await revoke_sessions(conn, topics, DeviceSessions(account_id, device_id), Cause("device_removed"))
         await store.mark_device_removed(conn, device_id)
         env = envelope(DeviceRemoved(account_id=str(account_id), device_id=str(device_id),
                                      client_identifier=device.client_identifier, name=device.device_name),
                        producer=PRODUCER, key=str(account_id))
         await outbox.add(conn, topics.events, env)
-        return n
+        return rev.revoked, rev.revocation_id
+
+
+async def await_applied(pool: asyncpg.Pool, revocation_id: str | None, holders: frozenset[str],
+                        wait_for: float) -> list[str]:
+    """Wait until each of ``holders`` that has ever held a session here (it is in ``holders``: it
+    introspected or acknowledged before) has acknowledged ``revocation_id``, at most ``wait_for``
+    seconds. Returns the holders still missing (empty: every one applied it).
+
+    This is what makes a sign-out read-your-writes: the caller answers "signed out" only once no
+    Hearth service still has the token in its cache. The wait polls the database, not this
+    process's memory, because the acknowledgement may be consumed by another replica."""
+    if revocation_id is None or not holders or wait_for <= 0:
+        return []
+    rid = uuid.UUID(revocation_id)
+    expected = holders & set(await store.holder_ids(pool))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_for
+    delay = 0.002
+    while expected:
+        expected -= await store.acked_holders(pool, rid)
+        if not expected or loop.time() >= deadline:
+            break
+        await asyncio.sleep(delay)
+        delay = min(delay * 1.5, 0.025)
+    return sorted(expected)

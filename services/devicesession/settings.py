@@ -11,3 +11,11 @@ class Settings(CommonSettings):
     short_session_ttl: int = 24 * 3600
     # How often batched last-used / last-seen times are written (introspection never writes inline).
     touch_interval: float = 30.0
+    # Read-your-writes for sign-outs: a sign-out, device removal or "sign out others" answers only once
+    # these holders (Hearth's own services that cache sessions) have applied the revocation, or after
+    # applied_wait seconds at most. Holders that never validated a token hold nothing to wait for.
+    applied_wait: float = 2.0
+    applied_wait_holders: str = "auth,linkcode,web"
+
+    def wait_holders(self) -> frozenset[str]:
+        return frozenset(h.strip() for h in self.applied_wait_holders.split(",") if h.strip())

@@ -328,6 +328,11 @@ async def revocation_acks(conn: asyncpg.Connection | asyncpg.Pool, revocation_id
     return rows
 
 
+async def acked_holders(conn: asyncpg.Connection | asyncpg.Pool, revocation_id: UUID) -> set[str]:
+    rows = await conn.fetch("SELECT DISTINCT holder_id FROM revocation_acks WHERE revocation_id = $1", revocation_id)
+    return {r["holder_id"] for r in rows}
+
+
 async def holder_ids(conn: asyncpg.Connection | asyncpg.Pool) -> list[str]:
     return [r["id"] for r in await conn.fetch("SELECT id FROM holders ORDER BY id")]
 

@@ -7,11 +7,11 @@ import os
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import click
 from aiokafka import AIOKafkaConsumer
 
+from shared import stackenv
 from shared.events import (
     REVOCATIONS_APPLIED,
     SESSIONS_REVOKED,
@@ -118,12 +118,10 @@ class Watcher:
 def command(deadline: float, expect: tuple[str, ...], from_beginning: bool, summary: bool, duration: float | None,
             quiet: bool, env_file: str | None) -> None:
     """Follow revocations and their acknowledgements by every session holder."""
-    path = Path(env_file) if env_file else Path(".run/hearth.env")
-    if path.exists():
-        for line in path.read_text().splitlines():
-            key, sep, value = line.partition("=")
-            if sep:
-                os.environ.setdefault(key.strip(), value.strip())
+    try:
+        stackenv.load(env_file)
+    except stackenv.EnvFileError as exc:
+        raise click.ClickException(str(exc)) from exc
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:59092")
     prefix = os.environ.get("TOPIC_PREFIX", "")
     watcher = Watcher(deadline, set(expect), echo=not quiet)

@@ -12,7 +12,7 @@ from services.linkcode import routes, store
 from services.linkcode.service import LinkCodes
 from services.linkcode.settings import Settings
 from shared import cors, throttle
-from shared.app import POOL, SETTINGS, base_app, periodic_ctx, pool_ctx, producer_ctx, relay_ctx
+from shared.app import POOL, SettingsOf, base_app, periodic_ctx, pool_ctx, producer_ctx, relay_ctx
 from shared.events import LINKCODE_EVENTS, SessionsRevoked
 from shared.holder import HOLDER, holder_ctx_factory
 from shared.internal import InternalClient
@@ -21,10 +21,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 log = logging.getLogger(__name__)
 
 
-def _settings(app: web.Application) -> Settings:
-    s = app[SETTINGS]
-    assert isinstance(s, Settings)
-    return s
+_settings = SettingsOf(Settings)
 
 
 async def linkcodes_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -14,18 +14,16 @@ from services.linkcode.errors import CodeNotFound
 from services.linkcode.service import LinkCodes
 from services.linkcode.settings import Settings
 from shared import plex
-from shared.app import SETTINGS, client_address, json_object
-from shared.errors import Unauthorized, ValidationFailed
-from shared.holder import HOLDER, Principal
+from shared.app import SettingsOf, client_address, json_object
+from shared.errors import ValidationFailed
+from shared.holder import Principal
 from shared.internal import require_internal
+from shared.principal import token_principal
 
 LINKCODES = web.AppKey("linkcodes", LinkCodes)
 
 
-def _settings(request: web.Request) -> Settings:
-    s = request.app[SETTINGS]
-    assert isinstance(s, Settings)
-    return s
+_settings = SettingsOf(Settings)
 
 
 def _iso(dt: datetime) -> str:
@@ -48,11 +46,7 @@ def _pin_view(request: web.Request, pin: Any, code: str, token: str | None, stat
 
 
 async def _principal(request: web.Request) -> Principal:
-    token = await plex.param(request, "X-Plex-Token")
-    principal = await request.app[HOLDER].validate(token)
-    if principal is None:
-        raise Unauthorized()
-    return principal
+    return (await token_principal(request))[0]
 
 
 # --------------------------------------------------------------------------------- Plex PINs

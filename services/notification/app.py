@@ -12,7 +12,18 @@ from aiohttp import web
 from services.notification import events, store
 from services.notification.service import Sender
 from services.notification.settings import Settings
-from shared.app import POOL, PRODUCER, SETTINGS, base_app, consumer_ctx, pool_ctx, producer_ctx, relay_ctx
+from shared.app import (
+    POOL,
+    PRODUCER,
+    SETTINGS,
+    SettingsOf,
+    add_ready_check,
+    base_app,
+    consumer_ctx,
+    pool_ctx,
+    producer_ctx,
+    relay_ctx,
+)
 from shared.consumer import ConsumerRunner
 from shared.events import AUTH_EVENTS, DEVICESESSION_EVENTS, LINKCODE_EVENTS, NOTIFICATION_DEAD_LETTERS
 from shared.internal import require_internal
@@ -21,10 +32,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 SENDER = web.AppKey("sender", Sender)
 
 
-def _settings(app: web.Application) -> Settings:
-    s = app[SETTINGS]
-    assert isinstance(s, Settings)
-    return s
+_settings = SettingsOf(Settings)
 
 
 async def sender_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -34,6 +42,11 @@ async def sender_ctx(app: web.Application) -> AsyncIterator[None]:
     await listener.add_listener("deliveries", lambda *_: sender.wake.set())
     sender.start()
     app[SENDER] = sender
+
+    async def sender_running() -> bool:
+        return sender.healthy
+
+    add_ready_check(app, "sender", sender_running)
     yield
     await sender.stop()
     with contextlib.suppress(Exception):

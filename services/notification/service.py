@@ -63,6 +63,8 @@ log = logging.getLogger(__name__)
 
 SENT = Counter("hearth_notification_sent_total", "Emails sent", ["kind"])
 FAILED = Counter("hearth_notification_failed_total", "Failed send attempts", ["kind", "permanent"])
+WORKER_FAILURES = Counter("hearth_notification_worker_failures_total",
+                          "Unexpected failures of one delivery caught by a sender worker")
 DEAD = Counter("hearth_notification_dead_lettered_total", "Deliveries given up and dead-lettered", ["kind"])
 QUEUE_AGE = Gauge("hearth_notification_queue_age_seconds", "Age of the oldest due delivery")
 SEND_LATENCY = Histogram("hearth_notification_send_seconds", "SMTP send time per message", ["kind"],
@@ -303,7 +305,16 @@ class Sender:
                 log.exception("claiming deliveries failed")
                 await asyncio.sleep(1)
 
+    @property
+    def healthy(self) -> bool:
+        """Every sender task is running (for /readyz)."""
+        return bool(self.tasks) and not any(t.done() for t in self.tasks)
+
     async def _worker(self) -> None:
+        """Send what the claimer queues. No single message can end a worker: any failure of one
+        delivery (the database gone mid-send, a bug in a template) is caught here, recorded as a
+        transient failure with backoff when the database lets us, and otherwise left in 'sending',
+        where ``requeue_stale`` picks it up again after ``SENDING_TIMEOUT``."""
         client: aiosmtplib.SMTP | None = None
         try:
             while True:
@@ -311,6 +322,16 @@ class Sender:
                 self.space.set()
                 try:
                     client = await self._deliver(client, d)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.exception("delivery failed unexpectedly; will retry", extra={"delivery": d.id, "kind": d.kind})
+                    WORKER_FAILURES.inc()
+                    try:
+                        await self._failed(d, f"{type(exc).__name__}: {str(exc)[:200]}", permanent=False)
+                    except Exception:
+                        log.warning("could not record the failure; the delivery is retried after the sending "
+                                    "timeout", extra={"delivery": d.id})
                 finally:
                     self.queue.task_done()
         finally:

@@ -39,18 +39,6 @@ async def upsert_recipient(conn: asyncpg.Connection, account_id: UUID, email: st
     )
 
 
-async def upsert_recipients(conn: asyncpg.Connection, rows: list[tuple[UUID, str, str]]) -> None:
-    if not rows:
-        return
-    await conn.execute(
-        "INSERT INTO recipients (account_id, email, username)"
-        " SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[])"
-        " ON CONFLICT (account_id) DO UPDATE SET email = EXCLUDED.email, username = EXCLUDED.username,"
-        " updated_at = now()",
-        [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
-    )
-
-
 async def find_recipient(conn: asyncpg.Connection, account_id: UUID) -> tuple[str, str] | None:
     row = await conn.fetchrow("SELECT email, username FROM recipients WHERE account_id = $1", account_id)
     return (row["email"], row["username"]) if row else None

@@ -20,7 +20,7 @@ import aiohttp_jinja2
 from aiohttp import web
 
 from services.web.settings import Settings
-from shared.app import SETTINGS, client_address
+from shared.app import SettingsOf, client_address
 from shared.errors import Forbidden, HearthError
 from shared.holder import HOLDER, Principal
 from shared.internal import InternalClient
@@ -37,10 +37,7 @@ _PRINCIPAL = web.RequestKey("principal", object)
 _NEW_CSRF = web.RequestKey("new_csrf", str)
 
 
-def _settings(request: web.Request) -> Settings:
-    s = request.app[SETTINGS]
-    assert isinstance(s, Settings)
-    return s
+_settings = SettingsOf(Settings)
 
 
 def _secure(request: web.Request) -> bool:
@@ -183,10 +180,18 @@ async def signup(request: web.Request) -> web.Response:
 
 
 def _next(value: str | None) -> str:
-    # A same-site path; percent-encoded query values ('%', '+', '~') carry the auth app's request
-    # (services/web/authapp.py) through sign-in.
-    return value if value and re.fullmatch(r"/[A-Za-z0-9/_?=&.%+~-]{0,4000}", value) and not value.startswith("//") \
-        else "/account"
+    """Where to go after signing in: a path on this site, else /account. Refused: anything but a
+    plain path, and any path a browser would normalise into one starting with // (another host):
+    empty segments and dot segments are refused outright. The query may also hold percent-encoded
+    values ('%', '+', '~'): the auth app's request (services/web/authapp.py) comes back through
+    sign-in that way. The path may not, as a browser decodes %2e into a dot segment."""
+    if not value or not re.fullmatch(r"/[A-Za-z0-9/_.-]{0,200}(\?[A-Za-z0-9/_?=&.%+~-]{0,4000})?", value):
+        return "/account"
+    path = value.split("?", 1)[0]
+    segments = path.split("/")[1:]
+    if "//" in path or any(seg in (".", "..") for seg in segments):
+        return "/account"
+    return value
 
 
 async def signin_page(request: web.Request) -> web.Response:
@@ -224,6 +229,7 @@ async def signout(request: web.Request) -> web.Response:
             await request.app[AUTH].request("DELETE", "/api/v2/users/signout", headers={"X-Plex-Token": token})
         except HearthError:
             pass  # already invalid: the cookie goes anyway
+        request.app[HOLDER].forget(token)
     response = web.HTTPSeeOther("/signin")
     response.del_cookie(SESSION_COOKIE, path="/")
     raise response

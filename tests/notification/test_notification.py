@@ -248,3 +248,43 @@ async def test_killed_and_restarted_mid_stream_loses_and_duplicates_nothing(stac
     # At most the messages in flight at the kill (SMTP_CONCURRENCY) can repeat: the documented window.
     assert duplicates <= 2, duplicates
     assert {m["To"] for m in got} == {f"user{i}@example.org" for i in range(200)}
+
+
+async def test_sender_survives_a_database_failure_during_a_send_and_delivers_on_retry(stack: Stack) -> None:
+    """The recipients table vanishes while a device-linked email is being sent (its recipient is
+    looked up at send time): the worker records the failure, stays alive, /readyz stays ready, and
+    once the table is back the same delivery is retried and sent once."""
+    import asyncpg
+
+    from shared.settings import with_database
+
+    a = await sign_up(stack)
+    acct = account_uuid(a["id"])
+    conn = await asyncpg.connect(with_database(stack.database_url,
+                                               f"{stack.extra_env['DB_NAME_PREFIX']}hearth_notification"))
+    try:
+        await eventually(lambda: conn.fetchval("SELECT 1 FROM recipients WHERE account_id = $1", uuid.UUID(acct)))
+        await conn.execute("ALTER TABLE recipients RENAME TO recipients_away")
+        try:
+            env = envelope(PinLinked(account_id=acct, device_id="3", client_identifier="tv-db", product="Plex",
+                                     device_name="Den TV", platform="tvOS", linked_at=iso(utcnow())),
+                           producer="tests", key=acct)
+            await publish(stack.kafka_bootstrap, stack.topic_prefix + LINKCODE_EVENTS, env)
+            failed = await eventually(lambda: conn.fetchrow(
+                "SELECT status, attempts, last_error FROM deliveries WHERE event_id = $1 AND attempts >= 1"
+                " AND last_error IS NOT NULL", env.id), timeout=15)
+            assert "recipients" in failed["last_error"] or "Undefined" in failed["last_error"], dict(failed)
+            async with aiohttp.ClientSession() as http, http.get(stack.url("notification") + "/readyz") as r:
+                assert r.status == 200, await r.text()
+        finally:
+            await conn.execute("ALTER TABLE recipients_away RENAME TO recipients")
+        got = await eventually(lambda: mails(stack.mail_dir, a["email"]), timeout=20)
+        assert [m["Subject"] for m in got] == ["A new device was linked to your Hearth account"]
+        row = await conn.fetchrow("SELECT status, attempts FROM deliveries WHERE event_id = $1", env.id)
+        assert row["status"] == "sent" and row["attempts"] >= 2
+        # Every worker is still there: a second email goes out as usual.
+        status, _, _ = await edge_json(stack, "POST", "/api/v2/users/password/reset", data={"email": a["email"]})
+        assert status == 204
+        await eventually(lambda: len(mails(stack.mail_dir, a["email"])) == 2, timeout=10)
+    finally:
+        await conn.close()

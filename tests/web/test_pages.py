@@ -239,3 +239,27 @@ async def test_claim_page_token_is_exchanged_by_a_server(stack: Stack, browser: 
 def test_screenshots_folder_is_named_in_the_readme() -> None:
     assert "artifacts/screenshots/" in (ROOT / "README.md").read_text()
     assert isinstance(SHOTS, Path)
+
+
+async def test_sign_up_errors_are_shown_next_to_their_field(stack: Stack, browser: Browser) -> None:
+    context, page = await new_page(browser)
+    first = await sign_up_in_browser(stack, page)
+    await context.clear_cookies()
+    await page.goto(stack.edge_url + "/signup")
+    await page.fill("#email", first["email"].upper())
+    await page.fill("#username", f"w{uuid.uuid4().hex[:10]}")
+    await page.fill("#password", "another very good passphrase")
+    await page.click("button[type=submit]")
+    email_error = page.locator("#email-error")
+    await email_error.wait_for()
+    assert "already in use" in (await email_error.inner_text())
+    assert await page.locator("#email").get_attribute("aria-invalid") == "true"
+    assert await page.locator(".notice.bad").count() == 0  # not at the top of the form
+    await shot(page, "signup-email-taken")
+    await page.fill("#email", f"new{uuid.uuid4().hex[:8]}@example.org")
+    await page.fill("#username", first["username"])
+    await page.fill("#password", "another very good passphrase")
+    await page.click("button[type=submit]")
+    await page.locator("#username-error").wait_for()
+    assert "already taken" in (await page.locator("#username-error").inner_text())
+    await context.close()

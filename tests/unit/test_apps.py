@@ -1,0 +1,130 @@
+"""Each service's real ``create_app`` in-process (aiohttp's test client), with none of its resources
+started: no database, no broker, no other service. Requests that must be refused on their input alone
+are refused with the route family's error shape, which also proves that validation runs before any
+resource is touched (a handler that reached for its pool here would answer 500)."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from shared.crypto import new_key_spec
+
+pytestmark = pytest.mark.unit
+
+COMMON = {"internal_api_secret": secrets.token_urlsafe(32), "token_hmac_key": secrets.token_urlsafe(32),
+          "holder_secret": secrets.token_urlsafe(32), "database_url": "postgresql://127.0.0.1:1/none",
+          "kafka_bootstrap_servers": "127.0.0.1:1", "client_max_size": 4096}
+
+
+def _auth() -> web.Application:
+    from services.auth.app import create_app
+    from services.auth.settings import Settings
+    return create_app(Settings(**COMMON, seal_keys=new_key_spec("k1")))
+
+
+def _devicesession() -> web.Application:
+    from services.devicesession.app import create_app
+    from services.devicesession.settings import Settings
+    return create_app(Settings(**COMMON))
+
+
+def _linkcode() -> web.Application:
+    from services.linkcode.app import create_app
+    from services.linkcode.settings import Settings
+    return create_app(Settings(**COMMON, linkcode_seal_keys=new_key_spec("l1")))
+
+
+def _notification() -> web.Application:
+    from services.notification.app import create_app
+    from services.notification.settings import Settings
+    return create_app(Settings(**COMMON, seal_keys=new_key_spec("k1")))
+
+
+def _web() -> web.Application:
+    from services.web.app import create_app
+    from services.web.settings import Settings
+    return create_app(Settings(**COMMON, csrf_secret=secrets.token_urlsafe(32)))
+
+
+FACTORIES: dict[str, Callable[[], web.Application]] = {
+    "auth": _auth, "devicesession": _devicesession, "linkcode": _linkcode, "notification": _notification,
+    "web": _web,
+}
+
+
+@pytest.fixture
+async def service(request: pytest.FixtureRequest) -> AsyncIterator[TestClient]:
+    """The service named by the test's ``app`` mark, with no resources: whatever needs one fails loudly."""
+    app = FACTORIES[request.node.get_closest_marker("app").args[0]]()
+    app.cleanup_ctx.clear()
+    async with TestClient(TestServer(app)) as client:
+        yield client
+
+
+async def plex_error(resp: Any) -> tuple[int, int]:
+    body = await resp.json(content_type=None)
+    return resp.status, body["errors"][0]["code"]
+
+
+JSON = {"Accept": "application/json"}
+
+
+@pytest.mark.app("auth")
+async def test_auth_refuses_bad_input_before_touching_anything(service: TestClient) -> None:
+    r = await service.post("/api/v2/users/signin", data={"login": "a", "password": "b"}, headers=JSON)
+    assert await plex_error(r) == (400, 1000)  # no X-Plex-Client-Identifier
+    r = await service.post("/api/v2/users/signin", data={"login": "a", "password": "b", "rememberMe": "maybe"},
+                        headers={**JSON, "X-Plex-Client-Identifier": "c"})
+    assert (await plex_error(r))[0] == 400
+    r = await service.post("/api/v2/users", data="x" * 10_000, headers={**JSON, "Content-Type": "text/plain"})
+    assert (await plex_error(r))[0] in (413, 415)
+    r = await service.post("/api/v2/users", data=b"[1,2]", headers={**JSON, "Content-Type": "application/json"})
+    assert (await plex_error(r))[0] == 400
+    r = await service.get("/api/v2/nothing-here", headers=JSON)
+    assert await plex_error(r) == (404, 1404)
+    r = await service.get("/api/v2/users/signin")  # XML by default, Plex's errors shape
+    assert r.status == 405 and (await r.text()).startswith("<?xml") and "<errors>" in await r.text()
+
+
+@pytest.mark.app("devicesession")
+async def test_devicesession_internal_and_holder_routes_need_their_credentials(service: TestClient) -> None:
+    r = await service.post("/internal/sessions/revoke", json={"token": "x"})
+    assert r.status == 401 and (await r.json(content_type=None))["status"] == 401  # problem JSON
+    r = await service.post("/oauth/introspect", data={"token": "x"})
+    body = await r.json()
+    assert r.status == 401 and body["error"] and "WWW-Authenticate" in r.headers  # OAuth error JSON
+    r = await service.post("/oauth/introspect", data={"token": "x"},
+                                 headers={"Authorization": "Basic !!!not-base64"})
+    assert r.status == 401
+
+
+@pytest.mark.app("linkcode")
+async def test_linkcode_refuses_bad_input_before_touching_anything(service: TestClient) -> None:
+    r = await service.post("/api/v2/pins?strong=maybe", headers={**JSON, "X-Plex-Client-Identifier": "c"})
+    assert (await plex_error(r))[0] == 400
+    r = await service.get("/api/v2/pins/not-a-number", headers=JSON)
+    assert await plex_error(r) == (404, 1020)
+    r = await service.put("/api/v2/pins/link", data="x" * 10_000, headers={**JSON, "Content-Type": "text/plain"})
+    assert (await plex_error(r))[0] in (413, 415)
+
+
+@pytest.mark.app("notification")
+async def test_notification_internal_route_needs_the_secret(service: TestClient) -> None:
+    r = await service.get("/internal/incidents/x/deliveries")
+    assert r.status == 401
+
+
+@pytest.mark.app("web")
+async def test_web_forms_need_csrf_and_pages_render_signed_out(service: TestClient) -> None:
+    r = await service.get("/signin")
+    assert r.status == 200 and 'name="csrf_token"' in await r.text()
+    r = await service.post("/signin", data={"login": "a", "password": "b"})
+    assert r.status == 403
+    r = await service.get("/account", allow_redirects=False)
+    assert r.status == 303 and r.headers["Location"].startswith("/signin")
