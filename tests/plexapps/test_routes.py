@@ -215,6 +215,16 @@ async def test_server_publishes_connections_and_owned_resources_carry_a_usable_t
             assert ET.fromstring(await r.read()).get("accountID") == str(uuid.UUID(a["id"]))
         async with http.get(local.uri + "/library") as r:
             assert r.status == 401
+    # python-plexapi's own MyPlexResource.connect() (Home Assistant, Kometa): loopback connections only,
+    # so the test never reaches out to the documentation address above
+    status, _, _ = await call(stack, "PUT", f"/devices/{cid}", params=[
+        ("Connection[][uri]", local_uri), ("X-Plex-Token", server_token)])
+    assert status == 200
+    account = await asyncio.to_thread(MyPlexAccount, token=owner_token, session=plex_session(stack.edge_url))
+    resource = next(r for r in await asyncio.to_thread(account.resources) if r.clientIdentifier == cid)
+    server = await asyncio.to_thread(resource.connect, timeout=10)
+    assert server.machineIdentifier == "holder-alpha" and server._baseurl == local_uri
+    assert server._token == owner_token
     # a second publication replaces the list
     status, _, _ = await call(stack, "PUT", f"/devices/{cid}.xml", data={"Connection[][uri]": local_uri,
                                                                           "X-Plex-Token": server_token})
