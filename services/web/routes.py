@@ -162,7 +162,7 @@ async def home(request: web.Request) -> web.Response:
 
 async def signup_page(request: web.Request) -> web.Response:
     await current(request)
-    return page(request, "signup.html", {})
+    return page(request, "signup.html", {"next": _next(request.query.get("next"))})
 
 
 async def signup(request: web.Request) -> web.Response:
@@ -173,8 +173,9 @@ async def signup(request: web.Request) -> web.Response:
             "password": form.get("password", "")}, headers=_browser_headers(request))
     except HearthError as err:
         field = err.field or {"email_taken": "email", "username_taken": "username"}.get(err.code, "form")
-        return page(request, "signup.html", {"form": form, "errors": {field: _wait_message(err)}}, status=400)
-    response = web.HTTPSeeOther("/account")
+        return page(request, "signup.html", {"form": form, "errors": {field: _wait_message(err)},
+                                             "next": _next(form.get("next"))}, status=400)
+    response = web.HTTPSeeOther(_next(form.get("next")))  # e.g. back to the auth app's request
     _start_session(response, request, data["authToken"])
     raise response
 

@@ -378,3 +378,23 @@ async def test_home_assistant_over_https_for_the_plex_host_names(stack: Stack, a
         finally:
             await chromium.close()
     assert token and await user_status(stack, token) == 200
+
+
+async def test_a_new_person_signs_up_from_the_popup_and_the_request_survives(stack: Stack,
+                                                                           browser: Browser) -> None:  # noqa: F811
+    client = f"jellyseerr-{uuid.uuid4().hex[:8]}"
+    pin = await strong_pin(stack, client, product="Jellyseerr")
+    context, page = await new_page(browser)
+    await open_auth(page, auth_url(stack, clientID=client, code=pin["code"], forwardUrl="http://127.0.0.1:9/cb"))
+    await page.wait_for_url(re.compile(r"/signin\?next=/auth"))
+    await page.click("#signup-link")
+    await page.wait_for_url(re.compile(r"/signup\?next=/auth"))
+    name = f"n{uuid.uuid4().hex[:10]}"
+    await page.fill("#email", f"{name}@example.org")
+    await page.fill("#username", name)
+    await page.fill("#password", PASSWORD)
+    await page.click("button[type=submit]")
+    await page.wait_for_url(re.compile(r"/auth\?clientID="))
+    assert await page.inner_text("#auth-product") == "Jellyseerr"
+    assert await page.inner_text("#auth-forward") == "127.0.0.1:9"
+    await context.close()
