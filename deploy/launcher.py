@@ -788,6 +788,9 @@ def main(argv: list[str] | None = None) -> int:
             stack.start()
             print(f"\nHearth is up: {stack.edge_url}  (mail in {stack.mail_dir}; Ctrl-C stops everything)\n",
                   flush=True)
+            if stack.https_port:
+                print(f"HTTPS for plex.tv, app.plex.tv, clients.plex.tv on port {stack.https_port}; apps trust "
+                      f"{stack.tls_ca if stack.tls_ca.exists() else 'your TLS_CERT_FILE issuer'}\n", flush=True)
         while all(c.proc.poll() is None for c in stack.children):
             time.sleep(0.5)
         dead = [c.name for c in stack.children if c.proc.poll() is not None]
