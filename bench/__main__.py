@@ -16,7 +16,7 @@ from bench.common import Row, table
 from deploy.launcher import ROOT, Stack, remove_run_dir
 
 # Benchmark modules, in the order they run. Each exposes NAME and `async def run(stack)`.
-MODULES = ["bench.backbone", "bench.signin", "bench.fanout", "bench.linkcode", "bench.notification",
+MODULES = ["bench.backbone", "bench.signin", "bench.two_factor", "bench.fanout", "bench.linkcode", "bench.notification",
            "bench.breach"]
 
 

@@ -436,6 +436,7 @@ def load_or_create_secrets(path: Path) -> dict[str, str]:
         "TOKEN_HMAC_KEY": lambda: secrets.token_urlsafe(32),
         "SEAL_KEYS": lambda: new_key_spec("k1"),
         "LINKCODE_SEAL_KEYS": lambda: new_key_spec("l1"),
+        "TWO_FACTOR_SEAL_KEYS": lambda: new_key_spec("t1"),
         "PASSWORD_PEPPERS": lambda: new_key_spec("p1"),
         "HOLDER_SECRET": lambda: secrets.token_urlsafe(32),
         "CSRF_SECRET": lambda: secrets.token_urlsafe(32),
@@ -582,6 +583,9 @@ class Stack:
     env: dict[str, str] = field(default_factory=dict)
     database_url: str = ""
     kafka_bootstrap: str = ""
+    # Host name of the edge in PUBLIC_BASE_URL (links, WebAuthn's relying party). Passkeys need a
+    # domain name: tests use "localhost" (an IP address is not a valid WebAuthn RP id).
+    public_host: str = field(default_factory=lambda: os.environ.get("HEARTH_PUBLIC_HOST", "127.0.0.1"))
 
     def __post_init__(self) -> None:
         self.run_dir = self.run_dir.resolve()
@@ -599,7 +603,7 @@ class Stack:
 
     @property
     def edge_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports['edge']}"
+        return f"http://{self.public_host}:{self.ports['edge']}"
 
     @property
     def https_port(self) -> int | None:

@@ -252,6 +252,45 @@ class PasswordsChanged(Event):
     changed_at: str | None = None
 
 
+@register
+@dataclass(frozen=True)
+class TwoFactorEnabled(Event):
+    """Two-step verification was turned on (the person confirmed a code)."""
+
+    TYPE: ClassVar[str] = "two_factor.enabled"
+    account_id: str
+    email: str
+    username: str
+    enabled_at: str
+
+
+@register
+@dataclass(frozen=True)
+class TwoFactorDisabled(Event):
+    """Two-step verification was turned off: ``by`` is ``user`` or ``admin`` (with ``reason``)."""
+
+    TYPE: ClassVar[str] = "two_factor.disabled"
+    account_id: str
+    email: str
+    username: str
+    by: str
+    disabled_at: str
+    reason: str | None = None
+
+
+@register
+@dataclass(frozen=True)
+class TwoFactorRecoveryCodeUsed(Event):
+    """A recovery code was redeemed at sign-in; ``codes_left`` unused codes remain."""
+
+    TYPE: ClassVar[str] = "two_factor.recovery_code_used"
+    account_id: str
+    email: str
+    username: str
+    codes_left: int
+    used_at: str
+
+
 # ---------------------------------------------------------------------------------------------
 # sessions.revoked / revocations.applied / devicesession.events
 # ---------------------------------------------------------------------------------------------

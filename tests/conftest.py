@@ -81,6 +81,7 @@ def stack_obj() -> Iterator[Stack]:
         holders=TEST_HOLDERS,
         topic_prefix=prefix,
         fast_db=True,
+        public_host="localhost",  # WebAuthn (passkey tests) needs a domain as relying-party id
         extra_env={
             **extra,
             "DB_NAME_PREFIX": f"t{RUN_ID}_",

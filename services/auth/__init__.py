@@ -7,13 +7,18 @@ Endpoints (Plex-compatible, XML by default, JSON on request): ``POST /api/v2/use
 in); the older routes browser sign-in apps use (``services/auth/legacy.py``): ``GET /users/account``
 (``.json``/``.xml``), ``POST /users/sign_in`` (``.json``/``.xml``), ``GET /api/users`` (always XML),
 ``GET /api/servers/{id}/shared_servers``. Internal: ``GET /internal/accounts/{id}``, ``GET /internal/accounts?login=``,
-``POST /internal/accounts/{id}/reset-required`` (docs/INTERNAL-API.md).
+``POST /internal/accounts/{id}/reset-required`` (docs/INTERNAL-API.md). Two-step verification and
+passkeys: ``/api/v2/user/two-factor`` (+ ``/recovery-codes``) and their internal routes (modules
+``two_factor``, ``two_factor_routes``, ``passkeys``; README, "Two-step verification and passkeys").
 
 Topics out (outbox): ``auth.events``: ``account.created``, ``password.changed``,
-``password.reset_requested`` (token sealed for notification), ``account.reset_required``, and the
+``password.reset_requested`` (token sealed for notification), ``account.reset_required``,
+``two_factor.enabled``, ``two_factor.disabled``, ``two_factor.recovery_code_used``, and the
 breach command's batch forms. Consumes ``sessions.revoked`` through the holder kit (holder "auth").
 
-Tables: ``accounts``, ``reset_tokens`` (HMACs only), ``throttles``, plus ``outbox`` and
+Tables: ``accounts``, ``reset_tokens`` (HMACs only), ``throttles``, ``two_factor`` (sealed secrets),
+``recovery_codes`` and ``pending_signins`` (HMACs only), ``passkeys``, ``webauthn_users``,
+``webauthn_challenges`` (HMACs, single use), plus ``outbox`` and
 ``processed_events``.
 
 Plex error codes added by Hearth (same ``errors`` shape): 1110 password reset required (403),

@@ -322,6 +322,53 @@ async def _resolve(conn: asyncpg.Connection, login: str) -> uuid.UUID | None:
     return value
 
 
+@command.group("two-factor")
+def two_factor_group() -> None:
+    """Two-step verification of one account (for a person who lost their device)."""
+
+
+@two_factor_group.command("disable")
+@click.option("--account", "login", required=True, help="email, username or account id")
+@click.option("--reason", required=True, help="why (recorded in the audit trail and emailed to the person)")
+@click.pass_context
+def two_factor_disable(ctx: click.Context, login: str, reason: str) -> None:
+    """Turn two-step verification off for one account: audited, and the person is emailed."""
+    reason = reason.strip()
+    if not 1 <= len(reason) <= 500:
+        raise click.UsageError("--reason must be 1-500 characters")
+    s = _settings(ctx.obj["env_file"])
+    raise SystemExit(asyncio.run(_two_factor_disable(s, login, reason)))
+
+
+async def _two_factor_disable(s: Settings, login: str, reason: str) -> int:
+    from services.auth import store, two_factor
+    from shared import outbox
+
+    conn = await _connect(s)
+    audit_id = await breach.audit_start(conn, _actor(), "two-factor-disable", {"account": login, "reason": reason})
+    try:
+        account_id = await _resolve(conn, login)
+        account = await store.find_by_id(conn, account_id) if account_id else None
+        if account is None:
+            click.echo(f"no account {login}", err=True)
+            await breach.audit_finish(conn, audit_id, "not found", 0)
+            return 1
+        async with conn.transaction():
+            done = await two_factor.disable_rows(conn, account.id)
+            if done:
+                await outbox.add(conn, s.topic(AUTH_EVENTS), two_factor.disabled_event(account, by="admin",
+                                                                                      reason=reason))
+        if not done:
+            click.echo(f"two-step verification is not on for {account.username}", err=True)
+            await breach.audit_finish(conn, audit_id, "not enabled", 0)
+            return 1
+        await breach.audit_finish(conn, audit_id, "completed", 1)
+    finally:
+        await conn.close()
+    click.echo(f"two-step verification turned off for {account.username}; they will be emailed")
+    return 0
+
+
 @command.command("holder-credentials")
 @click.argument("name")
 @click.pass_context

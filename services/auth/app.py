@@ -9,7 +9,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from services.auth import routes, store
+from services.auth import routes, store, two_factor
 from services.auth.minting import MintBatcher
 from services.auth.service import Auth, Topics
 from services.auth.settings import Settings
@@ -51,6 +51,8 @@ async def auth_ctx(app: web.Application) -> AsyncIterator[None]:
 async def housekeeping(app: web.Application) -> None:
     """Purge long-expired reset tokens and stale throttle rows."""
     await store.purge_expired(app[POOL])
+    await two_factor.purge_expired(app[POOL])
+    await app[POOL].execute("DELETE FROM webauthn_challenges WHERE expires_at < now()")
     await throttle.purge(app[POOL])
 
 

@@ -30,9 +30,9 @@ from shared.app import client_address
 from shared.errors import MissingClientIdentifier
 
 
-def account_view(account: store.Account, token: str) -> tuple[Any, dict[str, Any]]:
+def account_view(account: store.Account, token: str, two_factor: Any = None) -> tuple[Any, dict[str, Any]]:
     """``/users/account`` in XML (the v2 user element with the legacy children) and JSON."""
-    xml, v2 = routes.user_view(account, token)
+    xml, v2 = routes.user_view(account, token, two_factor)
     xml.set("authenticationToken", token)
     xml.set("authentication_token", token)
     xml.append(plex.element("authentication-token", text=token))
@@ -43,7 +43,8 @@ def account_view(account: store.Account, token: str) -> tuple[Any, dict[str, Any
         "title": account.username, "friendlyName": account.username, "thumb": "", "locale": None,
         "hasPassword": True, "authToken": token, "authentication_token": token, "joined_at": joined,
         "confirmed_at": joined, "forum_id": None, "confirmed": True, "emailOnlyAuth": False,
-        "twoFactorEnabled": False, "home": False, "guest": False, "restricted": False, "homeAdmin": False,
+        "twoFactorEnabled": v2.get("twoFactorEnabled", False), "home": False, "guest": False,
+        "restricted": False, "homeAdmin": False,
         "homeSize": 1, "maxHomeSize": 15, "mailing_list_status": "inactive", "mailingListActive": False,
         "subscription": {"active": False, "status": "Inactive", "plan": None, "features": []},
         "subscriptions": [], "roles": {"roles": []}, "entitlements": [], "services": [],
@@ -52,14 +53,15 @@ def account_view(account: store.Account, token: str) -> tuple[Any, dict[str, Any
     return xml, {"user": user}
 
 
-def _account_response(request: web.Request, account: store.Account, token: str, status: int) -> web.Response:
-    xml, json = account_view(account, token)
+async def _account_response(request: web.Request, account: store.Account, token: str, status: int
+                            ) -> web.Response:
+    xml, json = account_view(account, token, await request.app[routes.AUTH].two_factor.status(account.id))
     return plex.respond(request, xml=xml, json=json, status=status)
 
 
 async def get_account(request: web.Request) -> web.Response:
     account, _, token = await routes._account_of(request)
-    return _account_response(request, account, token, 200)
+    return await _account_response(request, account, token, 200)
 
 
 def _basic(request: web.Request) -> tuple[str | None, str | None]:
@@ -74,29 +76,37 @@ def _basic(request: web.Request) -> tuple[str | None, str | None]:
     return (login, password) if sep else (None, None)
 
 
-async def _credentials(request: web.Request) -> tuple[str | None, str | None]:
-    """Ombi's JSON, Organizr's form, or HTTP Basic, in that order."""
+def _str(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+async def _credentials(request: web.Request) -> tuple[str | None, str | None, str | None]:
+    """Login, password and (two-step accounts) verification code: Ombi's JSON, Organizr's form, or
+    HTTP Basic, in that order. Old apps that cannot ask for a code append it to the password."""
     if request.body_exists and request.content_type == "application/json":
         body = await plex.json_object(request)
         nested = body.get("user")
         user: dict[str, Any] = nested if isinstance(nested, dict) else body
-        login, password = user.get("login") or user.get("email") or user.get("username"), user.get("password")
-        return (login if isinstance(login, str) else None, password if isinstance(password, str) else None)
+        login = user.get("login") or user.get("email") or user.get("username")
+        return _str(login), _str(user.get("password")), _str(user.get("verificationCode") or body.get(
+            "verificationCode"))
     f = await plex.form(request)
     login = f.get("user[login]") or f.get("login") or f.get("user[email]") or f.get("user[username]")
     password = f.get("user[password]") or f.get("password")
+    code = f.get("user[verificationCode]") or f.get("verificationCode") or request.query.get("verificationCode")
     if login or password:
-        return login, password
-    return _basic(request)
+        return login, password, code
+    basic_login, basic_password = _basic(request)
+    return basic_login, basic_password, code
 
 
 async def sign_in(request: web.Request) -> web.Response:
-    login, password = await _credentials(request)
+    login, password, code = await _credentials(request)
     if not await plex.param(request, "X-Plex-Client-Identifier"):
         raise MissingClientIdentifier()
-    account = await request.app[routes.AUTH].authenticate(login, password, client_address(request))
+    account = await request.app[routes.AUTH].authenticate(login, password, client_address(request), code)
     token = await routes._mint(request, account, remember=True)
-    return _account_response(request, account, token, 201)
+    return await _account_response(request, account, token, 201)
 
 
 async def users(request: web.Request) -> web.Response:

@@ -13,6 +13,7 @@ from services.auth.errors import InvalidToken
 from services.auth.minting import MintBatcher
 from services.auth.service import Auth
 from services.auth.settings import Settings
+from services.auth.two_factor import Status
 from shared import plex
 from shared.app import SettingsOf, client_address, json_object
 from shared.errors import HearthError, MissingClientIdentifier, NotFound, ValidationFailed
@@ -36,16 +37,18 @@ def _is_internal(request: web.Request) -> bool:
     return scheme.lower() == "bearer" and same(value.strip(), _settings(request).internal_api_secret.get_secret_value())
 
 
-def user_view(account: store.Account, token: str | None) -> tuple[Any, dict[str, Any]]:
+def user_view(account: store.Account, token: str | None, two_factor: Status | None = None
+              ) -> tuple[Any, dict[str, Any]]:
     """The user in Plex's XML shape (python-plexapi) and JSON shape (typed Go/Rust clients)."""
     joined = int(account.created_at.timestamp())
+    tf_on = bool(two_factor and two_factor.enabled)
     attrs = {
         "id": account.num, "uuid": account.id.hex, "username": account.username, "title": account.username,
         "friendlyName": account.username, "email": account.email, "thumb": "", "authToken": token or "",
         "scrobbleTypes": "", "joinedAt": joined, "hasPassword": True, "confirmed": True, "emailOnlyAuth": False,
-        "twoFactorEnabled": False, "home": False, "guest": False, "restricted": False, "protected": False,
+        "twoFactorEnabled": tf_on, "home": False, "guest": False, "restricted": False, "protected": False,
         "homeAdmin": False, "homeSize": 1, "maxHomeSize": 15, "mailingListActive": False, "country": "",
-        "experimentalFeatures": False, "backupCodesCreated": False, "locale": "",
+        "experimentalFeatures": False, "backupCodesCreated": tf_on, "locale": "",
     }
     xml = plex.element(
         "user", attrs,
@@ -104,8 +107,9 @@ async def _account_of(request: web.Request) -> tuple[store.Account, Principal, s
     return account, principal, token
 
 
-def _user(request: web.Request, account: store.Account, token: str | None, status: int = 200) -> web.Response:
-    xml, json = user_view(account, token)
+async def _user(request: web.Request, account: store.Account, token: str | None, status: int = 200
+                ) -> web.Response:
+    xml, json = user_view(account, token, await request.app[AUTH].two_factor.status(account.id))
     return plex.respond(request, xml=xml, json=json, status=status)
 
 
@@ -120,7 +124,7 @@ async def create_user(request: web.Request) -> web.Response:
     token = None
     if await plex.param(request, "X-Plex-Client-Identifier"):
         token = await _mint(request, account, remember=True)
-    return _user(request, account, token, status=201)
+    return await _user(request, account, token, status=201)
 
 
 async def sign_in(request: web.Request) -> web.Response:
@@ -130,14 +134,15 @@ async def sign_in(request: web.Request) -> web.Response:
     if not await plex.param(request, "X-Plex-Client-Identifier"):
         raise MissingClientIdentifier()
     remember = plex.parse_bool(f.get("rememberMe"), default=True)
-    account = await request.app[AUTH].authenticate(login, password, client_address(request))
+    code = f.get("verificationCode") or f.get("user[verificationCode]")
+    account = await request.app[AUTH].authenticate(login, password, client_address(request), code)
     token = await _mint(request, account, remember)
-    return _user(request, account, token, status=201)
+    return await _user(request, account, token, status=201)
 
 
 async def get_user(request: web.Request) -> web.Response:
     account, _, token = await _account_of(request)
-    return _user(request, account, token)
+    return await _user(request, account, token)
 
 
 async def sign_out(request: web.Request) -> web.Response:
@@ -285,3 +290,7 @@ def setup_routes(app: web.Application) -> None:
     r.add_get("/internal/accounts", internal_find_account)
     r.add_get("/internal/accounts/{account_id}", internal_account)
     r.add_post("/internal/accounts/{account_id}/reset-required", internal_require_reset)
+    from services.auth import passkeys, two_factor_routes
+
+    two_factor_routes.setup(app)
+    passkeys.setup(app)

@@ -44,7 +44,7 @@ from shared.events import (
     iso,
     utcnow,
 )
-from shared.passwords import Passwords
+from shared.passwords import Passwords, VerifyResult
 
 PRODUCER = "auth"
 MIN_PASSWORD = 8
@@ -124,6 +124,9 @@ class Auth:
         self.sealer = Sealer(settings.seal_keys.get_secret_value())
         self.topics = topics
         self.key = settings.hmac_key()
+        from services.auth.two_factor import TwoFactor
+
+        self.two_factor = TwoFactor(self, settings.two_factor_seal_keys.get_secret_value())
 
     # ------------------------------------------------------------------ accounts
 
@@ -166,8 +169,10 @@ class Auth:
         await throttle.hit(self.pool, addr_scope, free=s.signin_free_failures_per_address,
                                  window=s.signin_window, max_block=s.signin_max_block)
 
-    async def authenticate(self, login: str | None, password: str | None, address: str) -> store.Account:
-        """Check credentials with throttling; raises BadCredentials, SignInThrottled, ResetRequired."""
+    async def authenticate(self, login: str | None, password: str | None, address: str,
+                           verification_code: str | None = None) -> store.Account:
+        """Check credentials with throttling; raises BadCredentials, SignInThrottled, ResetRequired, and
+        for an account with two-step verification TwoFactorRequired / WrongVerificationCode (1029)."""
         if not login or not password or len(login) > 254 or len(password) > MAX_PASSWORD:
             raise BadCredentials()
         login_norm = normalise_login(login)
@@ -182,17 +187,40 @@ class Auth:
             await self._failure(login_scope, addr_scope)
             raise BadCredentials()
         result = await self.passwords.verify(account.password_hash, password)
+        if not result.ok and not verification_code:
+            password, verification_code, result = await self._appended_code(account, password, result)
         if not result.ok:
             await self._failure(login_scope, addr_scope)
             raise BadCredentials()
         if failures_recorded:
             await throttle.clear(self.pool, login_scope)
+        await self.two_factor.check_sign_in(account, verification_code)
         if account.reset_required_at is not None:
             raise ResetRequired()
         if result.needs_rehash:
             await store.update_password_hash(self.pool, account.id, account.password_hash,
                                              await self.passwords.hash(password))
         return account
+
+    async def _appended_code(self, account: store.Account, password: str, result: VerifyResult
+                             ) -> tuple[str, str | None, VerifyResult]:
+        """Old apps send the password with the 6-digit code appended: for a 2FA account whose whole
+        password did not verify, try the password without its last 6 digits."""
+        split = self.two_factor.split_appended(password)
+        if split is None or not await self.two_factor.enabled(account.id):
+            return password, None, result
+        retry = await self.passwords.verify(account.password_hash, split[0])
+        return (split[0], split[1], retry) if retry.ok else (password, None, result)
+
+    async def confirm_password(self, account: store.Account, password: str | None, address: str) -> None:
+        """The current password for a sensitive change, throttled like sign-in."""
+        login_scope, addr_scope = self._scopes(account.username.lower(), address)
+        await self.check_throttle([login_scope, addr_scope])
+        if not password or len(password) > MAX_PASSWORD:
+            raise BadCredentials("the password is wrong", field="password")
+        if not (await self.passwords.verify(account.password_hash, password)).ok:
+            await self._failure(login_scope, addr_scope)
+            raise BadCredentials("the password is wrong", field="password")
 
     # ------------------------------------------------------------------ reset by email
 

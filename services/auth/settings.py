@@ -38,3 +38,15 @@ class Settings(CommonSettings):
     reset_requests_per_address: int = 10
     reset_requests_per_email: int = 3
     reset_window: int = 3600
+    # Two-step verification (issue 20). Keys sealing TOTP secrets at rest (id:base64key,...; the first
+    # seals, all open, so keys rotate).
+    two_factor_seal_keys: SecretStr
+    # An enrollment started and never confirmed expires after this many seconds.
+    two_factor_enroll_ttl: int = Field(default=600, ge=60, le=86400)
+    # Code attempts per account per window before blocks of 2^n seconds (capped at SIGNIN_MAX_BLOCK).
+    two_factor_free_failures: int = Field(default=5, ge=1)
+    two_factor_window: int = Field(default=900, ge=1)
+    # The web's second sign-in step: how long the password stays proven while the code is asked.
+    pending_signin_ttl: int = Field(default=300, ge=30, le=3600)
+    # WebAuthn (passkeys): challenge lifetime; the relying party id and origin come from PUBLIC_BASE_URL.
+    passkey_challenge_ttl: int = Field(default=300, ge=30, le=3600)

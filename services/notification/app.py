@@ -9,8 +9,8 @@ from pathlib import Path
 import asyncpg
 from aiohttp import web
 
-from services.notification import events, store
-from services.notification.service import Sender
+from services.notification import events, routes
+from services.notification.delivery import Sender
 from services.notification.settings import Settings
 from shared.app import (
     POOL,
@@ -26,7 +26,6 @@ from shared.app import (
 )
 from shared.consumer import ConsumerRunner
 from shared.events import AUTH_EVENTS, DEVICESESSION_EVENTS, LINKCODE_EVENTS, NOTIFICATION_DEAD_LETTERS
-from shared.internal import require_internal
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 SENDER = web.AppKey("sender", Sender)
@@ -58,15 +57,8 @@ def event_consumer(app: web.Application) -> ConsumerRunner:
     return ConsumerRunner(
         bootstrap=s.kafka_bootstrap_servers, group=s.group("notification"),
         topics=[s.topic(AUTH_EVENTS), s.topic(DEVICESESSION_EVENTS), s.topic(LINKCODE_EVENTS)],
-        handler=events.handle_event, producer=app[PRODUCER], pool=app[POOL],
+        handler=events.HANDLERS, producer=app[PRODUCER], pool=app[POOL],
     )
-
-
-async def incident_deliveries(request: web.Request) -> web.Response:
-    require_internal(request, _settings(request.app).internal_api_secret.get_secret_value())
-    incident = request.match_info["incident_id"][:100]
-    return web.json_response({"incident_id": incident, "deliveries": await store.incident_counts(
-        request.app[POOL], incident)})
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -78,5 +70,5 @@ def create_app(settings: Settings) -> web.Application:
         sender_ctx,
         consumer_ctx(event_consumer),
     ])
-    app.router.add_get("/internal/incidents/{incident_id}/deliveries", incident_deliveries)
+    routes.setup_routes(app)
     return app

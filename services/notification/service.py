@@ -1,49 +1,32 @@
-"""notification's domain logic: which event becomes which email, rendering, and sending.
+"""notification's domain logic, the mapping: which event becomes which email.
+
+Each function takes one typed event (see ``events.py``, which dispatches to them through the
+registry) and turns it into ``deliveries`` rows, idempotently on (event id, part), in the consumer's
+transaction with its processed-event marker; the recipients projection (email and username per
+account) is kept up to date on the way. Rendering is in ``rendering.py``, sending in ``delivery.py``.
 
 Exactly once in effect:
-- The consumer only turns events into ``deliveries`` rows, idempotently on (event id, part), in the
-  same transaction as the consumer's processed-event marker; then the offset is committed.
-- The sender claims due rows (status ``sending``), sends, and marks them ``sent``. A redelivered
-  event therefore never sends again, and a notification process that is down loses nothing: the
-  consumer resumes from committed offsets and the sender from the table.
+- The consumer only writes rows; then the offset is committed. The sender claims due rows (status
+  ``sending``), sends, and marks them ``sent``. A redelivered event therefore never sends again, and
+  a notification process that is down loses nothing: the consumer resumes from committed offsets and
+  the sender from the table.
 - The one window SMTP itself leaves open: if the process dies after the SMTP server accepted a
   message and before the row is marked ``sent``, the row returns to the queue after
   ``SENDING_TIMEOUT`` and the message is sent again. Its ``Message-ID`` is derived from the event
   id and part, so the duplicate is recognisable (and deduplicated by many mail systems).
 
-Secrets: a reset token stays sealed in the row and is opened only to render the message; it is
-never logged. Retries: transient failures (connection errors, timeouts, 4xx replies) back off
-exponentially with jitter up to ``MAX_ATTEMPTS``; permanent ones (5xx) get ``PERMANENT_ATTEMPTS``;
-then the row is ``dead`` and a dead letter with the reason is published (outbox) for operators.
 Priorities: password resets 0, other notices 5, breach notices 9 (a mass mailing never delays a
 reset someone is waiting for).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
-import random
-import time
-import uuid
-from dataclasses import dataclass
-from email.message import EmailMessage
-from email.utils import formatdate, make_msgid
-from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 from uuid import UUID
 
-import aiosmtplib
 import asyncpg
-import jinja2
-from prometheus_client import Counter, Gauge, Histogram
 
 from services.notification import store
-from services.notification.settings import Settings
-from shared import outbox
-from shared.crypto import Sealer, SealError
 from shared.events import (
     AccountCreated,
     AccountResetRequired,
@@ -54,382 +37,90 @@ from shared.events import (
     PasswordResetRequested,
     PinLinked,
     ServerClaimed,
-    decode_data,
-    parse_time,
-    utcnow,
+    TwoFactorDisabled,
+    TwoFactorEnabled,
+    TwoFactorRecoveryCodeUsed,
 )
 
-log = logging.getLogger(__name__)
-
-SENT = Counter("hearth_notification_sent_total", "Emails sent", ["kind"])
-FAILED = Counter("hearth_notification_failed_total", "Failed send attempts", ["kind", "permanent"])
-WORKER_FAILURES = Counter("hearth_notification_worker_failures_total",
-                          "Unexpected failures of one delivery caught by a sender worker")
-DEAD = Counter("hearth_notification_dead_lettered_total", "Deliveries given up and dead-lettered", ["kind"])
-QUEUE_AGE = Gauge("hearth_notification_queue_age_seconds", "Age of the oldest due delivery")
-SEND_LATENCY = Histogram("hearth_notification_send_seconds", "SMTP send time per message", ["kind"],
-                         buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
-DELIVERY_LATENCY = Histogram("hearth_notification_delivery_seconds", "Event queued to SMTP accepted", ["kind"],
-                             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
-
 PRIORITY = {"password_reset": 0, "password_changed": 5, "device_linked": 5, "server_claimed": 5,
-            "reset_required": 9}
-HOW = {"reset": "through a password reset link", "change": "from your account settings",
-       "forced": "by an administrator"}
+            "reset_required": 9, "two_factor_enabled": 5, "two_factor_disabled": 5, "recovery_code_used": 5}
 
 
-# --------------------------------------------------------------------------------- events -> rows
+async def _one(conn: asyncpg.Connection, env: Envelope, kind: str, account: str, email: str | None,
+               context: dict[str, Any], incident_id: str | None = None) -> None:
+    await store.insert_deliveries(conn, env.id, kind, PRIORITY[kind], [(UUID(account), email, context)],
+                                  incident_id=incident_id)
 
 
-async def queue_for_event(conn: asyncpg.Connection, env: Envelope) -> None:
-    """Turn one event into delivery rows (and keep the recipients projection up to date)."""
-    t = env.type
-    if t == AccountCreated.TYPE:
-        ev = decode_data(env, AccountCreated)
-        await store.upsert_recipient(conn, UUID(ev.account_id), ev.email, ev.username)
-    elif t == PasswordResetRequested.TYPE:
-        r = decode_data(env, PasswordResetRequested)
-        await store.upsert_recipient(conn, UUID(r.account_id), r.email, r.username)
-        await store.insert_deliveries(conn, env.id, "password_reset", PRIORITY["password_reset"], [
-            (UUID(r.account_id), r.email, {"username": r.username, "sealed_token": r.sealed_token,
-                                           "reset_url": r.reset_url, "expires_at": r.expires_at})])
-    elif t == PasswordChanged.TYPE:
-        c = decode_data(env, PasswordChanged)
-        await store.upsert_recipient(conn, UUID(c.account_id), c.email, c.username)
-        if c.notify:
-            await store.insert_deliveries(conn, env.id, "password_changed", PRIORITY["password_changed"], [
-                (UUID(c.account_id), c.email, {"username": c.username, "cause": c.cause,
-                                               "signed_out": c.revoke_sessions,
-                                               "changed_at": c.changed_at or env.occurred_at.isoformat()})])
-    elif t == AccountResetRequired.TYPE:
-        f = decode_data(env, AccountResetRequired)
-        if f.notify:
-            await store.insert_deliveries(conn, env.id, "reset_required", PRIORITY["reset_required"], [
-                (UUID(f.account_id), f.email, {"username": f.username, "reason": f.reason,
-                                               "sealed_token": f.sealed_token, "reset_url": f.reset_url,
-                                               "expires_at": f.expires_at})], incident_id=f.incident_id)
-    elif t == AccountsResetRequired.TYPE:
-        b = decode_data(env, AccountsResetRequired)
-        if b.notify:
-            items = [(UUID(a["account_id"]), str(a["email"]),
-                      {"username": a["username"], "reason": b.reason, "sealed_token": a.get("sealed_token"),
-                       "reset_url": b.reset_url, "expires_at": b.expires_at}) for a in b.accounts]
-            await store.insert_deliveries(conn, env.id, "reset_required", PRIORITY["reset_required"], items,
-                                          incident_id=b.incident_id)
-    elif t in (PinLinked.TYPE, DeviceCodeApproved.TYPE):
-        if t == PinLinked.TYPE:
-            p = decode_data(env, PinLinked)
-            account, device, when = p.account_id, " ".join(x for x in (p.product, p.device_name) if x), p.linked_at
-            device = device + (f" ({p.platform})" if p.platform else "")
-        else:
-            d = decode_data(env, DeviceCodeApproved)
-            account, device, when = d.account_id, d.device_name or d.client_id, d.approved_at
-        await store.insert_deliveries(conn, env.id, "device_linked", PRIORITY["device_linked"], [
-            (UUID(account), None, {"device": device or "A device", "when": when})])
-    elif t == ServerClaimed.TYPE:
-        s = decode_data(env, ServerClaimed)
-        name = s.name + (f" ({s.platform})" if s.platform else "")
-        await store.insert_deliveries(conn, env.id, "server_claimed", PRIORITY["server_claimed"], [
-            (UUID(s.account_id), None, {"device": name or s.client_identifier, "when": s.claimed_at})])
+async def account_created(conn: asyncpg.Connection, ev: AccountCreated, env: Envelope) -> None:
+    await store.upsert_recipient(conn, UUID(ev.account_id), ev.email, ev.username)
 
 
-# --------------------------------------------------------------------------------- rendering
+async def reset_requested(conn: asyncpg.Connection, ev: PasswordResetRequested, env: Envelope) -> None:
+    await store.upsert_recipient(conn, UUID(ev.account_id), ev.email, ev.username)
+    await _one(conn, env, "password_reset", ev.account_id, ev.email, {
+        "username": ev.username, "sealed_token": ev.sealed_token, "reset_url": ev.reset_url,
+        "expires_at": ev.expires_at})
 
 
-@dataclass(frozen=True)
-class Rendered:
-    to: str
-    subject: str
-    text: str
-    html: str
+async def password_changed(conn: asyncpg.Connection, ev: PasswordChanged, env: Envelope) -> None:
+    await store.upsert_recipient(conn, UUID(ev.account_id), ev.email, ev.username)
+    if ev.notify:
+        await _one(conn, env, "password_changed", ev.account_id, ev.email, {
+            "username": ev.username, "cause": ev.cause, "signed_out": ev.revoke_sessions,
+            "changed_at": ev.changed_at or env.occurred_at.isoformat()})
 
 
-class Renderer:
-    def __init__(self, settings: Settings) -> None:
-        loaders: list[jinja2.BaseLoader] = []
-        if settings.template_dir:
-            loaders.append(jinja2.FileSystemLoader(settings.template_dir))
-        loaders.append(jinja2.FileSystemLoader(Path(__file__).parent / "templates"))
-        self.env = jinja2.Environment(loader=jinja2.ChoiceLoader(loaders), autoescape=jinja2.select_autoescape(
-            enabled_extensions=("html",), default_for_string=False), undefined=jinja2.StrictUndefined)
-        self.text_env = self.env  # .txt templates are not escaped (select_autoescape: .html only)
-        self.s = settings
-        self.sealer = Sealer(settings.seal_keys.get_secret_value())
-        self.base = settings.public_base_url.rstrip("/")
-
-    def _when(self, value: str | None) -> str:
-        if not value:
-            return ""
-        try:
-            return parse_time(value).strftime("%Y-%m-%d %H:%M UTC")
-        except ValueError:
-            return value
-
-    def context(self, d: store.Delivery, email: str, username: str) -> dict[str, Any]:
-        c = dict(d.context)
-        ctx: dict[str, Any] = {"product": self.s.product_name, "email": email, "username": username,
-                               "forgot_url": self.base + "/forgot", "account_url": self.base + "/account"}
-        if d.kind in ("password_reset", "reset_required"):
-            sealed = c.get("sealed_token")
-            link = self.base + "/forgot"
-            if sealed:
-                token = self.sealer.open(sealed, context=str(d.account_id))
-                link = _with_query(c.get("reset_url") or self.base + "/reset", token=token)
-            ctx.update(link=link, expires_at=self._when(c.get("expires_at")), reason=c.get("reason", ""))
-        elif d.kind == "password_changed":
-            ctx.update(changed_at=self._when(c.get("changed_at")), how=HOW.get(c.get("cause", ""), "by you"),
-                       signed_out=bool(c.get("signed_out")))
-        else:
-            ctx.update(device=c.get("device", "A device"), when=self._when(c.get("when")))
-        return ctx
-
-    def render(self, d: store.Delivery, email: str, username: str) -> Rendered:
-        ctx = self.context(d, email, username)
-        subject = self.text_env.get_template(f"{d.kind}.subject.txt").render(ctx).strip()
-        text = self.text_env.get_template(f"{d.kind}.txt").render(ctx)
-        html = self.env.get_template(f"{d.kind}.html").render({**ctx, "subject": subject})
-        return Rendered(email, subject, text, html)
+async def reset_required(conn: asyncpg.Connection, ev: AccountResetRequired, env: Envelope) -> None:
+    if ev.notify:
+        await _one(conn, env, "reset_required", ev.account_id, ev.email, {
+            "username": ev.username, "reason": ev.reason, "sealed_token": ev.sealed_token,
+            "reset_url": ev.reset_url, "expires_at": ev.expires_at}, incident_id=ev.incident_id)
 
 
-def _with_query(url: str, **params: str) -> str:
-    sep = "&" if "?" in url else "?"
-    return url + sep + urlencode(params)
+async def resets_required(conn: asyncpg.Connection, ev: AccountsResetRequired, env: Envelope) -> None:
+    """The breach command's batch: one delivery per account (part = its position in the batch)."""
+    if ev.notify:
+        items = [(UUID(a["account_id"]), str(a["email"]),
+                  {"username": a["username"], "reason": ev.reason, "sealed_token": a.get("sealed_token"),
+                   "reset_url": ev.reset_url, "expires_at": ev.expires_at}) for a in ev.accounts]
+        await store.insert_deliveries(conn, env.id, "reset_required", PRIORITY["reset_required"], items,
+                                      incident_id=ev.incident_id)
 
 
-# --------------------------------------------------------------------------------- SMTP
+async def pin_linked(conn: asyncpg.Connection, ev: PinLinked, env: Envelope) -> None:
+    device = " ".join(x for x in (ev.product, ev.device_name) if x) + (f" ({ev.platform})" if ev.platform else "")
+    await _one(conn, env, "device_linked", ev.account_id, None, {"device": device or "A device",
+                                                                "when": ev.linked_at})
 
 
-@dataclass(frozen=True)
-class SmtpConfig:
-    host: str
-    port: int
-    use_tls: bool
-    start_tls: bool
-    username: str | None
-    password: str | None
-
-    @classmethod
-    def parse(cls, url: str) -> SmtpConfig:
-        parts = urlsplit(url)
-        if parts.scheme not in ("smtp", "smtps"):
-            raise ValueError("SMTP_URL must start with smtp:// or smtps://")
-        query = parse_qs(parts.query)
-        implicit = parts.scheme == "smtps"
-        return cls(
-            host=parts.hostname or "127.0.0.1",
-            port=parts.port or (465 if implicit else 25),
-            use_tls=implicit,
-            start_tls=query.get("starttls", ["0"])[0] in ("1", "true", "yes"),
-            username=unquote(parts.username) if parts.username else None,
-            password=unquote(parts.password) if parts.password else None,
-        )
+async def device_code_approved(conn: asyncpg.Connection, ev: DeviceCodeApproved, env: Envelope) -> None:
+    await _one(conn, env, "device_linked", ev.account_id, None, {"device": ev.device_name or ev.client_id or
+                                                                "A device", "when": ev.approved_at})
 
 
-class TokenBucket:
-    """At most ``rate`` acquisitions per second, smoothed (bursts of up to one second's worth)."""
-
-    def __init__(self, rate: float) -> None:
-        self.rate = rate
-        self.tokens = rate
-        self.updated = time.monotonic()
-        self.lock = asyncio.Lock()
-
-    async def acquire(self) -> None:
-        async with self.lock:
-            while True:
-                now = time.monotonic()
-                self.tokens = min(self.rate, self.tokens + (now - self.updated) * self.rate)
-                self.updated = now
-                if self.tokens >= 1:
-                    self.tokens -= 1
-                    return
-                await asyncio.sleep((1 - self.tokens) / self.rate)
+async def server_claimed(conn: asyncpg.Connection, ev: ServerClaimed, env: Envelope) -> None:
+    name = ev.name + (f" ({ev.platform})" if ev.platform else "")
+    await _one(conn, env, "server_claimed", ev.account_id, None, {"device": name or ev.client_identifier,
+                                                                 "when": ev.claimed_at})
 
 
-class Sender:
-    """Claims due deliveries and sends them over a few reused SMTP connections."""
-
-    def __init__(self, settings: Settings, pool: asyncpg.Pool, dead_letter_topic: str) -> None:
-        self.s = settings
-        self.pool = pool
-        self.dead_letter_topic = dead_letter_topic
-        self.renderer = Renderer(settings)
-        self.smtp = SmtpConfig.parse(settings.smtp_url.get_secret_value())
-        self.bucket = TokenBucket(settings.smtp_rate)
-        self.wake = asyncio.Event()
-        self.space = asyncio.Event()  # a worker took a message: the claimer may claim again
-        self.queue: asyncio.Queue[store.Delivery] = asyncio.Queue(maxsize=settings.smtp_concurrency)
-        self.tasks: list[asyncio.Task[None]] = []
-        self.stopping = False
-        self.sender_domain = settings.mail_from.rsplit("@", 1)[-1].strip(">") or "hearth.invalid"
-
-    def start(self) -> None:
-        self.tasks.append(asyncio.create_task(self._claimer(), name="notification-claimer"))
-        for i in range(self.s.smtp_concurrency):
-            self.tasks.append(asyncio.create_task(self._worker(), name=f"notification-smtp-{i}"))
-
-    async def stop(self) -> None:
-        self.stopping = True
-        for t in self.tasks:
-            t.cancel()
-        for t in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
-
-    async def _claimer(self) -> None:
-        """Feed workers: claim only as many rows as there are free workers, highest priority first,
-        so a reset requested during a mass mailing waits for at most one message per worker."""
-        last_stale = 0.0
-        while not self.stopping:
-            try:
-                if time.monotonic() - last_stale > 10:
-                    await store.requeue_stale(self.pool, self.s.sending_timeout)
-                    QUEUE_AGE.set(await store.oldest_due_age(self.pool, sorted(set(PRIORITY.values()))))
-                    last_stale = time.monotonic()
-                self.space.clear()
-                if self.queue.full():
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self.space.wait(), 1.0)
-                    continue
-                free = self.queue.maxsize - self.queue.qsize()
-                batch = await store.claim_due(self.pool, max(1, free))
-                for d in batch:
-                    await self.queue.put(d)
-                if not batch:
-                    self.wake.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self.wake.wait(), 0.5)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("claiming deliveries failed")
-                await asyncio.sleep(1)
-
-    @property
-    def healthy(self) -> bool:
-        """Every sender task is running (for /readyz)."""
-        return bool(self.tasks) and not any(t.done() for t in self.tasks)
-
-    async def _worker(self) -> None:
-        """Send what the claimer queues. No single message can end a worker: any failure of one
-        delivery (the database gone mid-send, a bug in a template) is caught here, recorded as a
-        transient failure with backoff when the database lets us, and otherwise left in 'sending',
-        where ``requeue_stale`` picks it up again after ``SENDING_TIMEOUT``."""
-        client: aiosmtplib.SMTP | None = None
-        try:
-            while True:
-                d = await self.queue.get()
-                self.space.set()
-                try:
-                    client = await self._deliver(client, d)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    log.exception("delivery failed unexpectedly; will retry", extra={"delivery": d.id, "kind": d.kind})
-                    WORKER_FAILURES.inc()
-                    try:
-                        await self._failed(d, f"{type(exc).__name__}: {str(exc)[:200]}", permanent=False)
-                    except Exception:
-                        log.warning("could not record the failure; the delivery is retried after the sending "
-                                    "timeout", extra={"delivery": d.id})
-                finally:
-                    self.queue.task_done()
-        finally:
-            if client is not None:
-                with contextlib.suppress(Exception):
-                    await client.quit()
-
-    async def _connect(self) -> aiosmtplib.SMTP:
-        c = self.smtp
-        client = aiosmtplib.SMTP(hostname=c.host, port=c.port, use_tls=c.use_tls, start_tls=c.start_tls,
-                                 timeout=self.s.smtp_timeout)
-        await client.connect()
-        if c.username and c.password:
-            await client.login(c.username, c.password)
-        return client
-
-    async def _recipient(self, d: store.Delivery) -> tuple[str, str] | None:
-        if d.email:
-            return d.email, str(d.context.get("username", ""))
-        if d.account_id is None:
-            return None
-        async with self.pool.acquire() as conn:
-            return await store.find_recipient(conn, d.account_id)
-
-    async def _deliver(self, client: aiosmtplib.SMTP | None, d: store.Delivery) -> aiosmtplib.SMTP | None:
-        try:
-            recipient = await self._recipient(d)
-            if recipient is None:
-                await self._give_up(d, "no recipient known for this account")
-                return client
-            try:
-                rendered = self.renderer.render(d, *recipient)
-            except (SealError, jinja2.TemplateError) as exc:
-                await self._give_up(d, f"cannot render: {type(exc).__name__}")
-                return client
-            message = self._message(d, rendered)
-            await self.bucket.acquire()
-            started = time.perf_counter()
-            if client is None or not client.is_connected:
-                client = await self._connect()
-            await client.send_message(message)
-            SEND_LATENCY.labels(d.kind).observe(time.perf_counter() - started)
-            await store.mark_sent(self.pool, d.id)
-            SENT.labels(d.kind).inc()
-            DELIVERY_LATENCY.labels(d.kind).observe(max(0.0, time.time() - d.created_at.timestamp()))
-            log.info("email sent", extra={"delivery": d.id, "kind": d.kind, "attempt": d.attempts})
-            return client
-        except aiosmtplib.SMTPResponseException as exc:
-            permanent = 500 <= exc.code < 600
-            await self._failed(d, f"SMTP {exc.code}: {exc.message[:200]}", permanent)
-            if client is not None:
-                with contextlib.suppress(Exception):
-                    await client.rset()
-            return client
-        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            await self._failed(d, f"{type(exc).__name__}: {str(exc)[:200]}", permanent=False)
-            if client is not None:
-                with contextlib.suppress(Exception):
-                    client.close()
-            return None
-
-    def _message(self, d: store.Delivery, r: Rendered) -> EmailMessage:
-        msg = EmailMessage()
-        msg["From"] = self.s.mail_from
-        msg["To"] = r.to
-        msg["Subject"] = r.subject
-        msg["Date"] = formatdate(localtime=False)
-        msg["Message-ID"] = make_msgid(idstring=f"{d.event_id}.{d.part}", domain=self.sender_domain)
-        msg["X-Hearth-Kind"] = d.kind
-        msg.set_content(r.text)
-        msg.add_alternative(r.html, subtype="html")
-        return msg
-
-    async def _failed(self, d: store.Delivery, error: str, permanent: bool) -> None:
-        FAILED.labels(d.kind, str(permanent).lower()).inc()
-        budget = self.s.permanent_attempts if permanent else self.s.max_attempts
-        if d.attempts >= budget:
-            await self._give_up(d, error)
-            return
-        delay = min(self.s.retry_max, self.s.retry_base * 2 ** (d.attempts - 1)) * (0.5 + random.random() / 2)
-        log.warning("email send failed; will retry", extra={"delivery": d.id, "kind": d.kind, "error": error,
-                                                            "attempt": d.attempts, "retry_in": round(delay, 2)})
-        await store.mark_failed(self.pool, d.id, error, delay)
-
-    async def _give_up(self, d: store.Delivery, error: str) -> None:
-        """Dead: mark the row and publish a dead letter with the reason, in one transaction."""
-        DEAD.labels(d.kind).inc()
-        log.error("email dead-lettered", extra={"delivery": d.id, "kind": d.kind, "error": error})
-        env = _dead_letter(d, error)
-        async with self.pool.acquire() as conn, conn.transaction():
-            await store.mark_dead(conn, d.id, error)
-            await outbox.add(conn, self.dead_letter_topic, env)
+async def _two_factor_notice(conn: asyncpg.Connection, env: Envelope, kind: str, account: str, email: str,
+                             username: str, context: dict[str, Any]) -> None:
+    await store.upsert_recipient(conn, UUID(account), email, username)
+    await _one(conn, env, kind, account, email, {"username": username, **context})
 
 
-def _dead_letter(d: store.Delivery, error: str) -> Envelope:
-    return Envelope(
-        id=uuid.uuid4(), type="notification.dead_lettered", occurred_at=utcnow(), producer="notification",
-        key=str(d.account_id or d.event_id),
-        data={"delivery_id": d.id, "event_id": str(d.event_id), "part": d.part, "kind": d.kind,
-              "account_id": str(d.account_id) if d.account_id else None, "attempts": d.attempts, "reason": error},
-    )
+async def two_factor_enabled(conn: asyncpg.Connection, ev: TwoFactorEnabled, env: Envelope) -> None:
+    await _two_factor_notice(conn, env, "two_factor_enabled", ev.account_id, ev.email, ev.username,
+                             {"when": ev.enabled_at})
+
+
+async def two_factor_disabled(conn: asyncpg.Connection, ev: TwoFactorDisabled, env: Envelope) -> None:
+    await _two_factor_notice(conn, env, "two_factor_disabled", ev.account_id, ev.email, ev.username,
+                             {"when": ev.disabled_at, "by": ev.by, "reason": ev.reason or ""})
+
+
+async def recovery_code_used(conn: asyncpg.Connection, ev: TwoFactorRecoveryCodeUsed, env: Envelope) -> None:
+    await _two_factor_notice(conn, env, "recovery_code_used", ev.account_id, ev.email, ev.username,
+                             {"when": ev.used_at, "codes_left": ev.codes_left})

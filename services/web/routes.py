@@ -204,7 +204,9 @@ async def signin(request: web.Request) -> web.Response:
     form = await check_csrf(request)
     target = _next(form.get("next"))
     try:
-        data, _ = await request.app[AUTH].request("POST", "/api/v2/users/signin", {
+        # auth's sign-in path (the same checks as /api/v2/users/signin); with two-step verification on
+        # it answers a pending sign-in instead of a session, and the code is asked next (two_factor_pages).
+        data, _ = await request.app[AUTH].request("POST", "/internal/signin", {
             "login": form.get("login", ""), "password": form.get("password", ""), "rememberMe": True},
             headers=_browser_headers(request))
     except HearthError as err:
@@ -212,6 +214,12 @@ async def signin(request: web.Request) -> web.Response:
         return page(request, "signin.html", {"form": {"login": form.get("login", "")}, "next": target,
                                              "errors": {"form": message}, "reset_required": err.status == 403},
                     status=err.status)
+    if data.get("secondFactorRequired"):
+        from services.web import two_factor_pages
+
+        second = page(request, "signin.html", {"step": "code", "next": target})
+        two_factor_pages.pending_cookie(second, request, data["pending"])
+        return second
     response = web.HTTPSeeOther(target)
     _start_session(response, request, data["authToken"])
     raise response
@@ -297,7 +305,9 @@ async def _account_context(request: web.Request, principal: Principal, token: st
     listing = await request.app[DEVICESESSION].call(
         "GET", f"/internal/accounts/{principal.account_id}/devices?session_id={principal.session_id}")
     devices = [{**d, "last_seen": _when(d["last_seen_at"])} for d in listing["devices"]]
-    return {"user": user, "devices": devices}
+    from services.web import two_factor_pages
+
+    return {"user": user, "devices": devices, **await two_factor_pages.account_extras(request, principal)}
 
 
 async def account_page(request: web.Request) -> web.Response:
@@ -446,4 +456,7 @@ def setup_routes(app: web.Application) -> None:
     from services.web import authapp
 
     authapp.setup_routes(app)
+    from services.web import two_factor_pages
+
+    two_factor_pages.setup(app)
     r.add_static("/static", Path(__file__).parent / "static", append_version=False)

@@ -25,7 +25,7 @@ COMMON = {"internal_api_secret": secrets.token_urlsafe(32), "token_hmac_key": se
 def _auth() -> web.Application:
     from services.auth.app import create_app
     from services.auth.settings import Settings
-    return create_app(Settings(**COMMON, seal_keys=new_key_spec("k1")))
+    return create_app(Settings(**COMMON, seal_keys=new_key_spec("k1"), two_factor_seal_keys=new_key_spec("t1")))
 
 
 def _devicesession() -> web.Application:

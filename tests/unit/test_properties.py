@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from services.linkcode.service import normalise_code
-from services.notification.service import SmtpConfig
+from services.notification.delivery import SmtpConfig
 from services.web.routes import _next
 from shared import events, plex
 from shared.errors import ValidationFailed
@@ -228,3 +228,19 @@ def test_dispatch_decodes_into_the_registered_type_and_counts_the_unknown() -> N
     assert UNKNOWN.labels("unit.dispatch", "thing.invented_later")._value.get() == before + 1
     with pytest.raises(ValueError):
         EventHandlers("unit.bad", {events.AccountCreated: on_created}, ignored=[events.AccountCreated])
+
+
+def test_every_registered_event_type_is_consumed_or_knowingly_ignored() -> None:
+    """Adding an event is two steps, the dataclass and a handler: this catches the missing second."""
+    from services.devicesession import events as devicesession_events
+    from services.devicesession.service import Topics
+    from services.notification import events as notification_events
+    from shared.dispatch import DECLARED
+
+    devicesession_events.make_auth_handler(Topics(sessions_revoked="s", events="e"))
+    assert notification_events.HANDLERS.consumer in DECLARED
+    # sessions.revoked is what every holder kit consumes, through its own broadcast consumer.
+    by_kit = {events.SessionsRevoked.TYPE}
+    known = {t for h in DECLARED.values() if not h.consumer.startswith("unit.") for t in h.handlers} | {
+        t for h in DECLARED.values() if not h.consumer.startswith("unit.") for t in h.ignored} | by_kit
+    assert sorted(set(events.REGISTRY) - known) == []

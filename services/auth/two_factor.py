@@ -1,0 +1,428 @@
+"""Two-step verification: TOTP (RFC 6238, 6 digits, 30 s) with recovery codes, in Plex's wire format.
+
+Storage (migration 0005): the TOTP secret only sealed (AES-256-GCM under TWO_FACTOR_SEAL_KEYS, key id
+in the value, bound to the account id); recovery codes only as HMACs (TOKEN_HMAC_KEY), each redeemed by
+one conditional UPDATE; an enrollment that is started and never confirmed expires after
+TWO_FACTOR_ENROLL_TTL seconds.
+
+Replay: accepting a code raises the account's ``last_used_step`` to the code's time step in one
+conditional UPDATE (``WHERE last_used_step < step``), so a code is accepted once, whichever replica
+sees it; a code of an older step than one already used is refused too (RFC 6238, section 5.2).
+
+Wrong codes: every code attempt (sign-in, disable, regenerate, confirm) first reserves one attempt of
+the per-account budget in one statement that refuses while the account is blocked; past
+TWO_FACTOR_FREE_FAILURES attempts in TWO_FACTOR_WINDOW seconds each attempt blocks the account for
+2^n seconds (capped at SIGNIN_MAX_BLOCK), answered with 429 and Retry-After. A correct code clears
+the budget. Concurrent guesses therefore cannot exceed the budget.
+
+Errors (Plex shape): 401 code 1029 "Please enter the verification code" when a code is needed and
+missing (python-plexapi raises TwoFactorRequired on those words), 401 code 1029 "The verification
+code is wrong or was already used", 1111 (429) too many attempts, 1117 (409) already enabled,
+1118 (400) no enrollment in progress (or it expired), 1119 (409) two-step verification is off.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+from urllib.parse import quote
+
+import asyncpg
+import pyotp
+
+from services.auth import store
+from services.auth.errors import SignInThrottled
+from shared import outbox, tokens
+from shared.crypto import Sealer, SealError
+from shared.errors import Conflict, Unauthorized, ValidationFailed
+from shared.events import (
+    Envelope,
+    TwoFactorDisabled,
+    TwoFactorEnabled,
+    TwoFactorRecoveryCodeUsed,
+    envelope,
+    iso,
+    utcnow,
+)
+
+if TYPE_CHECKING:
+    from services.auth.service import Auth
+
+PRODUCER = "auth"
+STEP = 30
+DIGITS = 6
+ISSUER = "Hearth"
+RECOVERY_CODES = 10
+# Recovery codes: 10 characters from an alphabet without look-alikes (50 bits), shown as xxxxx-xxxxx.
+_RECOVERY_ALPHABET = "abcdefghjkmnpqrstuvwxyz23456789"
+_RECOVERY_LENGTH = 10
+_TOTP = re.compile(r"^\d{6}$")
+_APPENDED = re.compile(r"^(.+)(\d{6})$", re.DOTALL)
+
+
+class TwoFactorRequired(Unauthorized):
+    code = "verification_code_required"
+    title = "Please enter the verification code"
+    plex_code = 1029
+
+
+class WrongVerificationCode(Unauthorized):
+    code = "invalid_verification_code"
+    title = "The verification code is wrong or was already used"
+    plex_code = 1029
+
+
+class AlreadyEnabled(Conflict):
+    code = "two_factor_already_enabled"
+    title = "Two-step verification is already on; turn it off first to set it up again"
+    plex_code = 1117
+
+
+class NoEnrollment(ValidationFailed):
+    code = "no_two_factor_enrollment"
+    title = "No two-step verification set-up is in progress (or it expired); start again"
+    plex_code = 1118
+
+
+class NotEnabled(Conflict):
+    code = "two_factor_not_enabled"
+    title = "Two-step verification is not on for this account"
+    plex_code = 1119
+
+
+class PendingSigninInvalid(ValidationFailed):
+    code = "pending_signin_invalid"
+    title = "This sign-in has expired; enter your password again"
+    plex_code = 1121
+
+
+@dataclass(frozen=True)
+class Status:
+    enabled: bool
+    pending: bool
+    recovery_codes_left: int
+    enabled_at: datetime | None = None
+
+
+def normalise_recovery(code: str) -> str:
+    return re.sub(r"[\s-]", "", code).lower()
+
+
+def new_recovery_code() -> str:
+    raw = tokens.random_code(_RECOVERY_ALPHABET, _RECOVERY_LENGTH)
+    return f"{raw[:5]}-{raw[5:]}"
+
+
+def otpauth_uri(secret: str, username: str) -> str:
+    """``otpauth://totp/Hearth:<username>?secret=...&issuer=Hearth`` (Google Authenticator's key URI)."""
+    return f"otpauth://totp/{quote(ISSUER)}:{quote(username)}?secret={secret}&issuer={quote(ISSUER)}"
+
+
+def matching_step(secret: str, code: str, now: float | None = None) -> int | None:
+    """The time step (t-1, t or t+1: one step of clock drift either way) whose code equals ``code``;
+    every candidate is compared in constant time."""
+    if not _TOTP.match(code):
+        return None
+    totp = pyotp.TOTP(secret, digits=DIGITS, interval=STEP)
+    t = int((time.time() if now is None else now) // STEP)
+    found = None
+    for step in (t - 1, t, t + 1):
+        if hmac.compare_digest(totp.generate_otp(step), code):
+            found = step
+    return found
+
+
+# --------------------------------------------------------------------------------- SQL
+
+
+async def _reserve_attempt(conn: asyncpg.Connection | asyncpg.Pool, scope: str, *, free: int, window: int,
+                           max_block: int) -> float:
+    """Count one code attempt unless the scope is blocked, in one statement. Returns 0 when the
+    attempt may proceed, else the seconds until the block ends. Past ``free`` attempts in the window,
+    each attempt blocks the scope for 2^(attempts - free) seconds (capped)."""
+    row = await conn.fetchrow(
+        """
+        WITH hit AS (
+            INSERT INTO throttles AS t (scope, hits, window_start) VALUES ($1, 1, now())
+            ON CONFLICT (scope) DO UPDATE SET
+                hits = CASE WHEN t.window_start < now() - make_interval(secs => $2) THEN 1 ELSE t.hits + 1 END,
+                window_start = CASE WHEN t.window_start < now() - make_interval(secs => $2) THEN now()
+                                    ELSE t.window_start END,
+                blocked_until = CASE
+                    WHEN (CASE WHEN t.window_start < now() - make_interval(secs => $2) THEN 1 ELSE t.hits + 1 END) > $3
+                    THEN now() + make_interval(secs => least($4::float8, power(2, least(
+                        (CASE WHEN t.window_start < now() - make_interval(secs => $2) THEN 1 ELSE t.hits + 1 END) - $3,
+                        20))::float8))
+                    ELSE NULL END
+            WHERE t.blocked_until IS NULL OR t.blocked_until <= now()
+            RETURNING hits
+        )
+        SELECT (SELECT hits FROM hit) AS hits,
+               coalesce((SELECT extract(epoch FROM blocked_until - now()) FROM throttles WHERE scope = $1), 0)::float8
+                   AS blocked_for
+        """,
+        scope, float(window), free, float(max_block),
+    )
+    assert row is not None
+    if row["hits"] is not None:
+        return 0.0
+    return max(float(row["blocked_for"]), 0.001)
+
+
+async def _status(conn: asyncpg.Connection | asyncpg.Pool, account_id: uuid.UUID) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        "SELECT sealed_secret, enabled_at, pending_expires_at, last_used_step,"
+        " (SELECT count(*) FROM recovery_codes r WHERE r.account_id = $1 AND r.used_at IS NULL) AS codes_left"
+        " FROM two_factor WHERE account_id = $1", account_id)
+
+
+async def _use_step(conn: asyncpg.Connection | asyncpg.Pool, account_id: uuid.UUID, step: int) -> bool:
+    done = await conn.fetchval(
+        "UPDATE two_factor SET last_used_step = $2 WHERE account_id = $1 AND enabled_at IS NOT NULL"
+        " AND last_used_step < $2 RETURNING 1", account_id, step)
+    return bool(done)
+
+
+async def _redeem_recovery(conn: asyncpg.Connection, account_id: uuid.UUID, code_hmac: bytes) -> int | None:
+    """Mark one unused recovery code used (one conditional UPDATE); the number left, or None."""
+    row = await conn.fetchrow(
+        """
+        WITH used AS (UPDATE recovery_codes SET used_at = now()
+                      WHERE account_id = $1 AND code_hmac = $2 AND used_at IS NULL RETURNING 1)
+        SELECT (SELECT count(*) FROM used) AS used,
+               (SELECT count(*) FROM recovery_codes WHERE account_id = $1 AND used_at IS NULL) AS unused
+        """, account_id, code_hmac)
+    assert row is not None
+    if not row["used"]:
+        return None
+    return int(row["unused"]) - 1  # the outer SELECT sees the snapshot before the UPDATE
+
+
+async def _replace_recovery(conn: asyncpg.Connection, account_id: uuid.UUID, hmacs: list[bytes]) -> None:
+    await conn.execute("DELETE FROM recovery_codes WHERE account_id = $1", account_id)
+    await conn.execute("INSERT INTO recovery_codes (account_id, code_hmac) SELECT $1, unnest($2::bytea[])",
+                       account_id, hmacs)
+
+
+async def disable_rows(conn: asyncpg.Connection, account_id: uuid.UUID) -> bool:
+    """Turn 2FA off: the secret and every recovery code go. False when it was not on."""
+    done = await conn.fetchval("DELETE FROM two_factor WHERE account_id = $1 AND enabled_at IS NOT NULL RETURNING 1",
+                               account_id)
+    await conn.execute("DELETE FROM recovery_codes WHERE account_id = $1", account_id)
+    return bool(done)
+
+
+async def purge_expired(conn: asyncpg.Connection | asyncpg.Pool) -> None:
+    await conn.execute("DELETE FROM two_factor WHERE enabled_at IS NULL AND pending_expires_at < now()")
+    await conn.execute("DELETE FROM pending_signins WHERE expires_at < now() - interval '1 hour'")
+
+
+def disabled_event(account: store.Account, *, by: str, reason: str | None) -> Envelope:
+    return envelope(TwoFactorDisabled(account_id=str(account.id), email=account.email, username=account.username,
+                                      by=by, reason=reason, disabled_at=iso(utcnow())),
+                    producer=PRODUCER, key=str(account.id))
+
+
+# --------------------------------------------------------------------------------- service
+
+
+class TwoFactor:
+    def __init__(self, auth: Auth, seal_keys: str) -> None:
+        self.auth = auth
+        self.pool = auth.pool
+        self.s = auth.s
+        self.sealer = Sealer(seal_keys)
+        self.key = auth.key
+
+    def _context(self, account_id: uuid.UUID) -> str:
+        return f"two-factor:{account_id}"
+
+    def _secret(self, account_id: uuid.UUID, sealed: str) -> str:
+        return self.sealer.open(sealed, context=self._context(account_id))
+
+    def _recovery_hmac(self, account_id: uuid.UUID, code: str) -> bytes:
+        return tokens.digest(self.key, f"{account_id}:{normalise_recovery(code)}", purpose="recovery")
+
+    def _new_codes(self, account_id: uuid.UUID) -> tuple[list[str], list[bytes]]:
+        codes = [new_recovery_code() for _ in range(RECOVERY_CODES)]
+        return codes, [self._recovery_hmac(account_id, c) for c in codes]
+
+    async def status(self, account_id: uuid.UUID) -> Status:
+        row = await _status(self.pool, account_id)
+        if row is None:
+            return Status(False, False, 0)
+        enabled = row["enabled_at"] is not None
+        pending = not enabled and row["pending_expires_at"] is not None and row["pending_expires_at"] > utcnow()
+        return Status(enabled, pending, int(row["codes_left"]) if enabled else 0, row["enabled_at"])
+
+    # ------------------------------------------------------------------ enrollment
+
+    async def start(self, account: store.Account) -> tuple[str, str]:
+        """A new secret for a pending enrollment (replacing any pending one); returns (secret, uri)."""
+        secret = pyotp.random_base32(32)  # 160 bits, RFC 4226's recommended key length
+        sealed = self.sealer.seal(secret, context=self._context(account.id))
+        expires = utcnow() + timedelta(seconds=self.s.two_factor_enroll_ttl)
+        done = await self.pool.fetchval(
+            "INSERT INTO two_factor AS t (account_id, sealed_secret, pending_expires_at) VALUES ($1, $2, $3)"
+            " ON CONFLICT (account_id) DO UPDATE SET sealed_secret = EXCLUDED.sealed_secret,"
+            " pending_expires_at = EXCLUDED.pending_expires_at, created_at = now(), last_used_step = 0"
+            " WHERE t.enabled_at IS NULL RETURNING 1", account.id, sealed, expires)
+        if not done:
+            raise AlreadyEnabled()
+        return secret, otpauth_uri(secret, account.username)
+
+    async def confirm(self, account: store.Account, code: str | None) -> list[str]:
+        """Enable with a current code; returns the recovery codes (their only appearance)."""
+        row = await _status(self.pool, account.id)
+        if row is not None and row["enabled_at"] is not None:
+            raise AlreadyEnabled()
+        if row is None or row["pending_expires_at"] is None or row["pending_expires_at"] <= utcnow():
+            raise NoEnrollment()
+        code = (code or "").strip().replace(" ", "")
+        await self._reserve(account.id)
+        step = matching_step(self._secret(account.id, row["sealed_secret"]), code)
+        if step is None:
+            raise WrongVerificationCode()
+        codes, hmacs = self._new_codes(account.id)
+        async with self.pool.acquire() as conn, conn.transaction():
+            enabled_at = await conn.fetchval(
+                "UPDATE two_factor SET enabled_at = now(), pending_expires_at = NULL, last_used_step = $3"
+                " WHERE account_id = $1 AND sealed_secret = $2 AND enabled_at IS NULL AND pending_expires_at > now()"
+                " RETURNING enabled_at", account.id, row["sealed_secret"], step)
+            if enabled_at is None:
+                raise NoEnrollment()  # restarted, expired or confirmed concurrently
+            await _replace_recovery(conn, account.id, hmacs)
+            await outbox.add(conn, self.auth.topics.auth_events, envelope(
+                TwoFactorEnabled(account_id=str(account.id), email=account.email, username=account.username,
+                                 enabled_at=iso(enabled_at)), producer=PRODUCER, key=str(account.id)))
+        await self._clear(account.id)
+        return codes
+
+    async def disable(self, account: store.Account, password: str | None, code: str | None, address: str) -> None:
+        await self.auth.confirm_password(account, password, address)
+        if not (await self.status(account.id)).enabled:
+            raise NotEnabled()
+        await self.verify(account, code, emit_recovery=False)
+        async with self.pool.acquire() as conn, conn.transaction():
+            if not await disable_rows(conn, account.id):
+                raise NotEnabled()
+            await outbox.add(conn, self.auth.topics.auth_events,
+                             disabled_event(account, by="user", reason=None))
+
+    async def regenerate(self, account: store.Account, password: str | None, code: str | None,
+                         address: str) -> list[str]:
+        await self.auth.confirm_password(account, password, address)
+        if not (await self.status(account.id)).enabled:
+            raise NotEnabled()
+        await self.verify(account, code, emit_recovery=False)
+        codes, hmacs = self._new_codes(account.id)
+        async with self.pool.acquire() as conn, conn.transaction():
+            await _replace_recovery(conn, account.id, hmacs)
+        return codes
+
+    # ------------------------------------------------------------------ codes
+
+    def _scope(self, account_id: uuid.UUID) -> str:
+        return f"2fa:account:{account_id}"
+
+    async def _reserve(self, account_id: uuid.UUID) -> None:
+        s = self.s
+        wait = await _reserve_attempt(self.pool, self._scope(account_id), free=s.two_factor_free_failures,
+                                      window=s.two_factor_window, max_block=s.signin_max_block)
+        if wait > 0:
+            raise SignInThrottled(f"Too many wrong verification codes; try again in {int(wait) + 1} seconds",
+                                  retry_after=int(wait) + 1)
+
+    async def _clear(self, account_id: uuid.UUID) -> None:
+        await self.pool.execute("DELETE FROM throttles WHERE scope = $1", self._scope(account_id))
+
+    async def check_sign_in(self, account: store.Account, code: str | None) -> bool:
+        """The sign-in's second factor: False when the account has none; else accepts the code or
+        raises (TwoFactorRequired, WrongVerificationCode, SignInThrottled). One query when off."""
+        row = await _status(self.pool, account.id)
+        if row is None or row["enabled_at"] is None:
+            return False
+        await self.verify(account, code, row=row)
+        return True
+
+    async def verify(self, account: store.Account, code: str | None, *, emit_recovery: bool = True,
+                     row: asyncpg.Record | None = None) -> str:
+        """Accept a current TOTP code (once per time step) or an unused recovery code; returns
+        ``totp`` or ``recovery``. Raises TwoFactorRequired, WrongVerificationCode, SignInThrottled."""
+        code = (code or "").strip()
+        if not code:
+            raise TwoFactorRequired()
+        if len(code) > 64:
+            raise WrongVerificationCode()
+        await self._reserve(account.id)
+        compact = code.replace(" ", "")
+        if _TOTP.match(compact):
+            row = row or await _status(self.pool, account.id)
+            if row is None or row["enabled_at"] is None:
+                raise WrongVerificationCode()
+            try:
+                secret = self._secret(account.id, row["sealed_secret"])
+            except SealError:
+                raise WrongVerificationCode() from None  # a key was removed from TWO_FACTOR_SEAL_KEYS
+            step = matching_step(secret, compact)
+            if step is None or not await _use_step(self.pool, account.id, step):
+                raise WrongVerificationCode()
+            await self._clear(account.id)
+            return "totp"
+        async with self.pool.acquire() as conn, conn.transaction():
+            left = await _redeem_recovery(conn, account.id, self._recovery_hmac(account.id, code))
+            if left is None:
+                raise WrongVerificationCode()
+            if emit_recovery:
+                await outbox.add(conn, self.auth.topics.auth_events, envelope(
+                    TwoFactorRecoveryCodeUsed(account_id=str(account.id), email=account.email,
+                                              username=account.username, codes_left=left, used_at=iso(utcnow())),
+                    producer=PRODUCER, key=str(account.id)))
+        await self._clear(account.id)
+        return "recovery"
+
+    async def enabled(self, account_id: uuid.UUID) -> bool:
+        return bool(await self.pool.fetchval(
+            "SELECT 1 FROM two_factor WHERE account_id = $1 AND enabled_at IS NOT NULL", account_id))
+
+    @staticmethod
+    def split_appended(password: str) -> tuple[str, str] | None:
+        """Old apps that cannot ask for a code send the password with the 6 digits appended."""
+        m = _APPENDED.match(password)
+        return (m.group(1), m.group(2)) if m else None
+
+    # ------------------------------------------------------------------ the web's second step
+
+    async def start_pending(self, account_id: uuid.UUID, remember: bool) -> str:
+        token = tokens.new_token(32)
+        await self.pool.execute(
+            "INSERT INTO pending_signins (token_hmac, account_id, remember, expires_at)"
+            " VALUES ($1, $2, $3, now() + make_interval(secs => $4))",
+            tokens.digest(self.key, token, purpose="pending-signin"), account_id, remember,
+            float(self.s.pending_signin_ttl))
+        return token
+
+    async def finish_pending(self, token: str | None, code: str | None) -> tuple[store.Account, bool]:
+        """Check the second factor of a pending sign-in and consume it (once)."""
+        if not token or len(token) > 100:
+            raise PendingSigninInvalid()
+        token_hmac = tokens.digest(self.key, token, purpose="pending-signin")
+        row = await self.pool.fetchrow(
+            "SELECT account_id, remember FROM pending_signins WHERE token_hmac = $1 AND used_at IS NULL"
+            " AND expires_at > now()", token_hmac)
+        account = await store.find_by_id(self.pool, row["account_id"]) if row else None
+        if row is None or account is None:
+            raise PendingSigninInvalid()
+        await self.verify(account, code)
+        done = await self.pool.fetchval(
+            "UPDATE pending_signins SET used_at = now() WHERE token_hmac = $1 AND used_at IS NULL"
+            " AND expires_at > now() RETURNING 1", token_hmac)
+        if not done:
+            raise PendingSigninInvalid()
+        return account, bool(row["remember"])
+
