@@ -288,3 +288,27 @@ async def test_https_for_the_plex_host_names_with_the_local_ca(stack: Stack, nam
         "curl", "-sS", "--resolve", f"{name}:{port}:127.0.0.1", "--cacert", "/etc/ssl/certs/ca-certificates.crt",
         f"https://{name}:{port}/api/v2/ping"], capture_output=True, text=True, timeout=30)
     assert untrusted.returncode != 0
+
+
+async def test_legacy_sign_in_of_a_two_step_account(stack: Stack) -> None:
+    """Ombi and Organizr cannot ask for a code: 401 with 1029 without one; the code in the JSON, the
+    form, or appended to the password (as old apps do) signs in, once."""
+    import orjson
+
+    from tests.twofactor.test_two_factor import account_with_2fa, code
+
+    a, secret, _, step = await account_with_2fa(stack)
+    status, body, _ = await call(stack, "POST", "/users/sign_in.json", headers=OMBI,
+                                 json={"user": {"login": a["username"], "password": PASSWORD}})
+    assert status == 401 and orjson.loads(body)["errors"][0]["code"] == 1029
+    status, body, _ = await call(stack, "POST", "/users/sign_in.json", headers=OMBI, json={
+        "user": {"login": a["username"], "password": PASSWORD, "verificationCode": code(secret, step + 1)}})
+    assert status == 201 and orjson.loads(body)["user"]["twoFactorEnabled"] is True
+    # another account (a code's time step is used once): Organizr's form, digits appended to the password
+    b, secret, _, step = await account_with_2fa(stack)
+    status, body, _ = await call(stack, "POST", "/users/sign_in.json", headers=OMBI, data={
+        "user[login]": b["username"], "user[password]": PASSWORD + code(secret, step + 1)})
+    assert status == 201
+    status, body, _ = await call(stack, "POST", "/users/sign_in.json", headers=OMBI, data={
+        "user[login]": b["username"], "user[password]": PASSWORD + code(secret, step + 1)})
+    assert status == 401 and orjson.loads(body)["errors"][0]["code"] == 1029  # a code works once
