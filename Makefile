@@ -5,8 +5,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# make run TOPOLOGY=cluster: three Kafka brokers, two replicas of every service, two instances of each holder
+TOPOLOGY ?= single
 
-.PHONY: run test test-unit lint bench setup setup-test infra clean fetch
+.PHONY: run test test-unit lint bench setup setup-test infra clean fetch images
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,7 +25,7 @@ setup-test: $(STAMP)
 	@$(BIN)/python -m deploy.launcher fetch
 
 run: setup
-	$(BIN)/python -m deploy.launcher run
+	$(BIN)/python -m deploy.launcher run --topology $(TOPOLOGY)
 
 infra: setup
 	$(BIN)/python -m deploy.launcher infra
@@ -36,8 +38,13 @@ test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q -m unit $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check shared services deploy tests bench
+	$(BIN)/ruff check shared services deploy tests bench hearth_testing examples
 	$(BIN)/mypy
+
+# Container images with no registry (deploy/images.py): base from debootstrap, Hearth, Kafka, PostgreSQL.
+images: $(STAMP)
+	@$(BIN)/python -m deploy.launcher fetch >/dev/null
+	$(BIN)/python -m deploy.images build $(IMAGES)
 
 bench: setup
 	$(BIN)/python -m bench $(BENCH_ARGS)

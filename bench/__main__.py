@@ -18,6 +18,8 @@ from deploy.launcher import ROOT, Stack, remove_run_dir
 # Benchmark modules, in the order they run. Each exposes NAME and `async def run(stack)`.
 MODULES = ["bench.backbone", "bench.signin", "bench.two_factor", "bench.fanout", "bench.linkcode", "bench.notification",
            "bench.breach"]
+# Run afterwards on a stack of their own: the cluster topology (issue 17).
+CLUSTER_MODULES = ["bench.cluster"]
 
 
 def available() -> list[str]:
@@ -30,6 +32,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the run directory")
     args = parser.parse_args()
     mods = [m for m in available() if not args.names or m.split(".")[1] in args.names]
+    cluster_mods = [m for m in CLUSTER_MODULES if not args.names or m.split(".")[1] in args.names]
     run_dir = ROOT / ".run" / f"bench-{uuid.uuid4().hex[:6]}"
     holders = tuple(f"h{i:02d}" for i in range(20)) if (ROOT / "services/holder/cli.py").exists() else ()
     stack = Stack(run_dir, console=False, fixed_ports=False, holders=holders, topic_prefix="bench.",
@@ -42,9 +45,30 @@ def main() -> None:
                              "SMTP_RATE": "5000", "SMTP_CONCURRENCY": "8", "DB_POOL_MAX": "20"})
     print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
           f"Python {platform.python_version()}")
+    rows: list[Row] = []
+    if mods:
+        rows += run_stack(stack, mods, len(holders), args.keep)
+    else:
+        remove_run_dir(run_dir)
+    if cluster_mods:
+        cluster = Stack(ROOT / ".run" / f"bench-cluster-{uuid.uuid4().hex[:6]}", console=False, fixed_ports=False,
+                        holders=holders, topic_prefix="benchc.", topology="cluster",
+                        extra_env={**stack.extra_env, "DB_NAME_PREFIX": "benchc_", "DB_POOL_MAX": "10"})
+        rows += run_stack(cluster, cluster_mods, len(holders), args.keep)
+    print()
+    print(table(rows))
+    out = ROOT / "artifacts" / "bench.txt"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(table(rows) + "\n")
+    print(f"\n(written to {Path(out).relative_to(ROOT)})")
+
+
+def run_stack(stack: Stack, mods: list[str], holders: int, keep: bool) -> list[Row]:
+    run_dir = stack.run_dir
     started = time.monotonic()
     stack.start()
-    print(f"stack up in {time.monotonic() - started:.1f}s ({len(holders)} sample holders)")
+    print(f"{stack.topology} stack up in {time.monotonic() - started:.1f}s ({holders} sample holders, "
+          f"{stack.holder_instances} instances each)")
     # The broker's JVM compiles its hot paths during its first half-minute (measured: 10-11% of a
     # core idle then, 5% after); let it settle so it does not load the first benchmark alone.
     time.sleep(float(os.environ.get("BENCH_SETTLE", "30")))
@@ -62,14 +86,9 @@ def main() -> None:
             print(f"  {module.NAME} took {time.monotonic() - t0:.1f}s", flush=True)
     finally:
         stack.stop()
-        if not args.keep:
+        if not keep:
             remove_run_dir(run_dir)
-    print()
-    print(table(rows))
-    out = ROOT / "artifacts" / "bench.txt"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(table(rows) + "\n")
-    print(f"\n(written to {Path(out).relative_to(ROOT)})")
+    return rows
 
 
 if __name__ == "__main__":

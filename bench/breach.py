@@ -116,7 +116,7 @@ async def run(stack: Stack) -> list[Row]:
     t_seed = time.monotonic()
     await seed(stack)
     seed_s = time.monotonic() - t_seed
-    holders = [n.split(":", 1)[1] for n in stack.ports if n.startswith("holder:")]
+    holders = list(stack.holders)
     rows: list[Row] = [Row(NAME, f"seed {ACCOUNTS:,} accounts + {ACCOUNTS * SESSIONS_PER_ACCOUNT:,} sessions (SQL)",
                            seed_s, "s")]
     small_s, small_rss, _ = await asyncio.to_thread(

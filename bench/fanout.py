@@ -87,7 +87,7 @@ async def warm_holders(stack: Stack, holders: list[str], token_sets: list[list[s
 
 
 async def run(stack: Stack) -> list[Row]:
-    holders = [h for h in (n.split(":", 1)[1] for n in stack.ports if n.startswith("holder:"))]
+    holders = list(stack.holders)
     plain = await seed(stack)
     accounts = list(plain)[:CHANGES]
     await warm_holders(stack, holders, [plain[a][1:] for a in accounts])

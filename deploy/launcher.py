@@ -385,12 +385,23 @@ def kafka_libs(version: str = KAFKA_VERSION) -> Path:
 
 
 class Kafka:
-    def __init__(self, data_dir: Path, port: int, controller_port: int, out: Output, *, heap: str = "768m") -> None:
+    """One Kafka node (broker and controller). ``voters`` lists every node of the cluster as
+    ``(node id, controller port)``; all nodes of a cluster are formatted with one ``cluster_id``."""
+
+    def __init__(self, data_dir: Path, port: int, controller_port: int, out: Output, *, heap: str = "768m",
+                 node_id: int = 1, voters: list[tuple[int, int]] | None = None, replication: int = 1,
+                 min_isr: int = 1, cluster_id: str | None = None, name: str = "kafka") -> None:
         self.data_dir = data_dir
         self.port = port
         self.controller_port = controller_port
         self.out = out
         self.heap = heap
+        self.node_id = node_id
+        self.voters = voters or [(node_id, controller_port)]
+        self.replication = replication
+        self.min_isr = min_isr
+        self.cluster_id = cluster_id
+        self.name = name
         self.child: Child | None = None
 
     @property
@@ -402,23 +413,45 @@ class Kafka:
                 f"-Dlog4j2.configurationFile={DEPLOY / 'kafka' / 'log4j2.properties'}",
                 "-cp", f"{libs}/*", main, *args]
 
-    def start(self) -> None:
+    def launch(self) -> None:
+        """Format storage on first start and start the process (without waiting for it)."""
         if java_major() < 17:
             raise LaunchError("Apache Kafka 4 needs Java 17 or newer; the java on PATH is older")
         libs = kafka_libs()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         props = self.data_dir.parent / "server.properties"
         props.write_text(render(DEPLOY / "kafka" / "server.properties.template", port=self.port,
-                                controller_port=self.controller_port, data_dir=self.data_dir))
+                                controller_port=self.controller_port, data_dir=self.data_dir, node_id=self.node_id,
+                                voters=",".join(f"{n}@127.0.0.1:{p}" for n, p in self.voters),
+                                replication=self.replication, min_isr=self.min_isr))
         if not (self.data_dir / "meta.properties").exists():
-            cluster = subprocess.run(self._java(libs, "kafka.tools.StorageTool", "random-uuid"),
-                                     capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            cluster = self.cluster_id or subprocess.run(
+                self._java(libs, "kafka.tools.StorageTool", "random-uuid"),
+                capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             res = subprocess.run(self._java(libs, "kafka.tools.StorageTool", "format", "-t", cluster,
                                             "-c", str(props)), capture_output=True, text=True)
             if res.returncode != 0:
                 raise LaunchError("formatting Kafka storage failed: " + (res.stdout + res.stderr)[-2000:])
-        self.child = spawn("kafka", self._java(libs, "kafka.Kafka", str(props)), self.out)
-        wait_port(self.port, 90, "Kafka", self.child.proc)
+        self.child = spawn(self.name, self._java(libs, "kafka.Kafka", str(props)), self.out)
+
+    def wait(self, timeout: float = 90) -> None:
+        assert self.child is not None
+        wait_port(self.port, timeout, self.name, self.child.proc)
+
+    def start(self) -> None:
+        self.launch()
+        self.wait()
+
+
+def kafka_cluster_id(run_dir: Path) -> str:
+    """One cluster id for every node of the run's cluster, kept beside it (KRaft wants 22 base64 chars)."""
+    import base64
+    import uuid
+
+    path = run_dir / "kafka-cluster-id"
+    if not path.exists():
+        path.write_text(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))
+    return path.read_text().strip()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -564,11 +597,25 @@ def tls_listen_conf(tls: EdgeTls, listen: str, port: int) -> str:
             "ssl_protocols TLSv1.2 TLSv1.3;\n"
             "ssl_session_cache shared:hearth_tls:1m;\n")
 
+TOPOLOGIES = ("single", "cluster")
+
+
+def replica_key(name: str, i: int) -> str:
+    """Port key of replica ``i`` (from 1) of a service, holder (``holder:NAME``) or broker."""
+    return name if i == 1 else f"{name}#{i}"
 
 
 @dataclass
 class Stack:
-    """Infrastructure plus services. ``fixed_ports`` for ``make run``; free ports for tests."""
+    """Infrastructure plus services. ``fixed_ports`` for ``make run``; free ports for tests.
+
+    ``topology="cluster"`` (``make run TOPOLOGY=cluster``): three Kafka brokers (KRaft, topics at
+    replication factor 3, ``min.insync.replicas=2``), two replicas of every service behind nginx
+    upstreams (the edge, and one internal balancer port per service for service-to-service calls),
+    and two instances of every sample holder. Each replica has its own port, ``INSTANCE_ID`` and log
+    prefix (``auth-1``, ``auth-2``, ``holder-alpha-2``). ``replicas``, ``holder_instances`` and
+    ``brokers`` can also be set one by one.
+    """
 
     run_dir: Path
     console: bool = True
@@ -586,20 +633,45 @@ class Stack:
     # Host name of the edge in PUBLIC_BASE_URL (links, WebAuthn's relying party). Passkeys need a
     # domain name: tests use "localhost" (an IP address is not a valid WebAuthn RP id).
     public_host: str = field(default_factory=lambda: os.environ.get("HEARTH_PUBLIC_HOST", "127.0.0.1"))
+    topology: str = "single"
+    replicas: int = 1
+    holder_instances: int = 1
+    brokers: int = 1
+    named: dict[str, Child] = field(default_factory=dict)  # port key -> its running process
+    kafkas: list[Kafka] = field(default_factory=list)
+    postgres: Postgres | None = None
 
     def __post_init__(self) -> None:
+        if self.topology not in TOPOLOGIES:
+            raise LaunchError(f"unknown topology {self.topology!r}: one of {', '.join(TOPOLOGIES)}")
+        if self.topology == "cluster":
+            self.replicas = max(self.replicas, 2)
+            self.holder_instances = max(self.holder_instances, 2)
+            self.brokers = max(self.brokers, 3)
         self.run_dir = self.run_dir.resolve()
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
         self.out = Output(self.console, self.run_dir / "logs")
-        defaults = {"postgres": 55432, "kafka": 59092, "kafka_controller": 59093, "smtp": 1025, "edge": 8080}
-        defaults.update(SERVICES)
-        for i, h in enumerate(self.holders):
-            defaults[f"holder:{h}"] = 8201 + i
+        defaults: dict[str, int] = {"postgres": 55432, "smtp": 1025, "edge": 8080}
+        for b in range(1, self.brokers + 1):
+            defaults[replica_key("kafka", b)] = 59090 + 2 * b
+            defaults[replica_key("kafka_controller", b)] = 59091 + 2 * b
+        for name, port in SERVICES.items():
+            for i in range(1, self.replicas + 1):
+                defaults[replica_key(name, i)] = port + 10 * (i - 1)
+            if self.clustered:
+                defaults[f"lb:{name}"] = port + 200  # 8301...: the internal balancer of the service
+        for n, h in enumerate(self.holders):
+            for i in range(1, self.holder_instances + 1):
+                defaults[replica_key(f"holder:{h}", i)] = 8201 + n + 50 * (i - 1)
         for name, port in defaults.items():
             self.ports[name] = port if self.fixed_ports else free_port()
         https = os.environ.get("HTTPS_PORT", "8443")  # "0": no HTTPS listener
         if https != "0":
             self.ports["https"] = int(https) if self.fixed_ports else free_port()
+
+    @property
+    def clustered(self) -> bool:
+        return self.replicas > 1
 
     @property
     def edge_url(self) -> str:
@@ -619,28 +691,70 @@ class Stack:
         return self.run_dir / "mail"
 
     def url(self, service: str) -> str:
+        """Where a service is reached: its balancer when replicated, else its one process."""
+        if self.clustered and f"lb:{service}" in self.ports:
+            return f"http://127.0.0.1:{self.ports[f'lb:{service}']}"
         return f"http://127.0.0.1:{self.ports[service]}"
+
+    def replica_keys(self, service: str) -> list[str]:
+        return [replica_key(service, i) for i in range(1, self.replicas + 1)]
+
+    def holder_keys(self, holder: str) -> list[str]:
+        return [replica_key(f"holder:{holder}", i) for i in range(1, self.holder_instances + 1)]
+
+    def holder_ports(self, holder: str | None = None) -> list[int]:
+        """Ports of every instance of ``holder`` (default: of every sample holder)."""
+        names = [holder] if holder else list(self.holders)
+        return [self.ports[k] for h in names for k in self.holder_keys(h)]
+
+    @staticmethod
+    def instance_id(key: str) -> str:
+        """The INSTANCE_ID of the process on port key ``key`` (``auth#2`` -> ``auth-2``)."""
+        name, _, i = key.removeprefix("holder:").partition("#")
+        return f"{name}-{i or 1}"
+
+    def log_name(self, key: str) -> str:
+        many = self.holder_instances > 1 if key.startswith("holder:") else self.replicas > 1
+        base = "holder-" + key.removeprefix("holder:").partition("#")[0] if key.startswith("holder:") \
+            else key.partition("#")[0]
+        return f"{base}-{key.partition('#')[2] or 1}" if many else base
 
     def start_infra(self) -> None:
         self.database_url = os.environ.get("DATABASE_URL", "")
         if not self.database_url:
-            pg = Postgres(self.run_dir / "postgres", self.ports["postgres"], self.out, fast=self.fast_db)
-            pg.start()
-            assert pg.child
-            self.children.append(pg.child)
-            self.database_url = pg.url
+            self.postgres = Postgres(self.run_dir / "postgres", self.ports["postgres"], self.out, fast=self.fast_db)
+            self.postgres.start()
+            assert self.postgres.child
+            self.children.append(self.postgres.child)
+            self.database_url = self.postgres.url
         self.kafka_bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "")
+        replication: dict[str, str] = {}
         if not self.kafka_bootstrap:
-            kafka = Kafka(self.run_dir / "kafka" / "data", self.ports["kafka"], self.ports["kafka_controller"],
-                          self.out)
-            kafka.start()
-            assert kafka.child
-            self.children.append(kafka.child)
-            self.kafka_bootstrap = kafka.bootstrap
+            n = self.brokers
+            voters = [(b, self.ports[replica_key("kafka_controller", b)]) for b in range(1, n + 1)]
+            rf, min_isr = min(3, n), (2 if n >= 3 else 1)
+            for b in range(1, n + 1):
+                data = self.run_dir / "kafka" / "data" if n == 1 else self.run_dir / f"kafka-{b}" / "data"
+                self.kafkas.append(Kafka(data, self.ports[replica_key("kafka", b)],
+                                         self.ports[replica_key("kafka_controller", b)], self.out,
+                                         heap="768m" if n == 1 else "512m", node_id=b, voters=voters,
+                                         replication=rf, min_isr=min_isr,
+                                         cluster_id=kafka_cluster_id(self.run_dir) if n > 1 else None,
+                                         name="kafka" if n == 1 else f"kafka-{b}"))
+            for k in self.kafkas:  # a quorum needs its voters up together
+                k.launch()
+                assert k.child
+                self.children.append(k.child)
+            for k in self.kafkas:
+                k.wait()
+            self.kafka_bootstrap = ",".join(k.bootstrap for k in self.kafkas)
+            if n > 1:
+                replication = {"TOPIC_REPLICATION_FACTOR": str(rf), "TOPIC_MIN_INSYNC_REPLICAS": str(min_isr)}
         secrets_env = load_or_create_secrets(self.run_dir / "secrets.env")
         self.env = {
             **os.environ,
             **secrets_env,
+            **replication,
             "DATABASE_URL": self.database_url,
             "KAFKA_BOOTSTRAP_SERVERS": self.kafka_bootstrap,
             "TOPIC_PREFIX": self.topic_prefix,
@@ -659,8 +773,8 @@ class Stack:
     def write_cli_env(self) -> None:
         """What `hearth admin` and `hearth fanout` need to reach this stack (read as defaults)."""
         keys = ["DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS", "TOPIC_PREFIX", "DB_NAME_PREFIX", "PUBLIC_BASE_URL",
-                "AUTH_URL", "DEVICESESSION_URL", "LINKCODE_URL", "NOTIFICATION_URL", *load_or_create_secrets(
-                    self.run_dir / "secrets.env")]
+                "AUTH_URL", "DEVICESESSION_URL", "LINKCODE_URL", "NOTIFICATION_URL", "TOPIC_REPLICATION_FACTOR",
+                "TOPIC_MIN_INSYNC_REPLICAS", *load_or_create_secrets(self.run_dir / "secrets.env")]
         path = self.run_dir / "hearth.env"
         path.write_text("".join(f"{k}={self.env[k]}\n" for k in dict.fromkeys(keys) if k in self.env))
         path.chmod(0o600)
@@ -672,22 +786,46 @@ class Stack:
         self.children.append(child)
         wait_port(self.ports["smtp"], 30, "SMTP sink", child.proc)
 
-    def service_env(self, name: str, port: int) -> dict[str, str]:
-        return {**self.env, "SERVICE_NAME": name, "HTTP_PORT": str(port)}
+    def service_env(self, name: str, port: int, key: str | None = None) -> dict[str, str]:
+        return {**self.env, "SERVICE_NAME": name, "HTTP_PORT": str(port),
+                "INSTANCE_ID": self.instance_id(key or name)}
 
-    def start_service(self, name: str) -> Child:
-        child = spawn(name, [sys.executable, "-m", f"services.{name}"], self.out,
-                      env=self.service_env(name, self.ports[name]), cwd=ROOT)
+    def start_service(self, name: str, key: str | None = None) -> Child:
+        """Start replica ``key`` (default: the first) of service ``name``."""
+        key = key or name
+        child = spawn(self.log_name(key), [sys.executable, "-m", f"services.{name}"], self.out,
+                      env=self.service_env(name, self.ports[key], key), cwd=ROOT)
         self.children.append(child)
+        self.named[key] = child
         return child
 
-    def start_holder(self, name: str) -> Child:
-        port = self.ports[f"holder:{name}"]
-        child = spawn(f"holder-{name}", [sys.executable, "-m", "services.cli", "holder", "--name", name,
-                                          "--port", str(port)], self.out,
-                      env={**self.env, "SERVICE_NAME": f"holder-{name}"}, cwd=ROOT)
+    def start_holder(self, name: str, key: str | None = None) -> Child:
+        key = key or f"holder:{name}"
+        port = self.ports[key]
+        child = spawn(self.log_name(key), [sys.executable, "-m", "services.cli", "holder", "--name", name,
+                                           "--port", str(port)], self.out,
+                      env={**self.env, "SERVICE_NAME": f"holder-{name}", "INSTANCE_ID": self.instance_id(key)},
+                      cwd=ROOT)
         self.children.append(child)
+        self.named[key] = child
         return child
+
+    def restart(self, key: str, *, wait: bool = True) -> Child:
+        """Start the process of port key ``key`` again (after a kill), optionally waiting for /readyz."""
+        if key.startswith("holder:"):
+            name = key.removeprefix("holder:").partition("#")[0]
+            child = self.start_holder(name, key)
+            expected = f"holder-{name}"
+        else:
+            expected = key.partition("#")[0]
+            child = self.start_service(expected, key)
+        if wait:
+            self.wait_ready(self.ports[key], expected, child)
+        return child
+
+    def kill(self, key: str) -> None:
+        """SIGKILL the process of port key ``key`` (a service replica or holder instance)."""
+        self.named[key].kill()
 
     def wait_ready(self, port: int, name: str, child: Child, timeout: float = 90) -> None:
         import urllib.error
@@ -712,12 +850,43 @@ class Stack:
             time.sleep(0.2)
         raise LaunchError(f"{name} was not ready within {timeout:.0f}s")
 
+    def _nginx_upstreams(self, prefix: Path) -> None:
+        """Replicas beyond the first join the template's upstreams through included files, and in the
+        cluster topology each service gets an internal balancer port for service-to-service calls.
+        (An include whose mask matches nothing is no error: compose renders the template alone.)"""
+        for old in [*prefix.glob("upstream-*.conf"), *prefix.glob("internal-lb*.conf")]:
+            old.unlink()
+        for svc in ("auth", "devicesession", "linkcode", "web"):
+            extra = "".join(f"server 127.0.0.1:{self.ports[k]} max_fails=1 fail_timeout=2s;\n"
+                            for k in self.replica_keys(svc)[1:])
+            if extra:
+                (prefix / f"upstream-{svc}.conf").write_text(extra)
+        if not self.clustered:
+            return
+        lines = ["upstream notification {"]
+        lines += [f"    server 127.0.0.1:{self.ports[k]} max_fails=1 fail_timeout=2s;"
+                  for k in self.replica_keys("notification")]
+        lines += ["    keepalive 16;", "}"]
+        for svc in SERVICES:
+            lines += [
+                "server {",
+                f"    listen 127.0.0.1:{self.ports[f'lb:{svc}']};",
+                "    access_log off;",
+                "    proxy_set_header Connection \"\";",
+                "    proxy_set_header Host $http_host;",
+                "    proxy_set_header X-Request-Id $http_x_request_id;",
+                f"    location / {{ proxy_pass http://{svc}; }}",
+                "}",
+            ]
+        (prefix / "internal-lb.conf").write_text("\n".join(lines) + "\n")
+
     def start_nginx(self) -> None:
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
         if not Path(nginx).exists():
             raise LaunchError("nginx not found: apt-get install nginx-light")
         prefix = self.run_dir / "nginx"
         prefix.mkdir(parents=True, exist_ok=True)
+        self._nginx_upstreams(prefix)
         conf = prefix / "hearth.conf"
         conf.write_text(render(DEPLOY / "nginx" / "hearth.conf.template", prefix=prefix, edge_port=self.ports["edge"],
                                edge_listen="127.0.0.1",
@@ -746,16 +915,20 @@ class Stack:
             raise
 
     def start_rest(self) -> None:
-        """Everything after the infrastructure: SMTP sink, services, sample holders, edge."""
+        """Everything after the infrastructure: SMTP sink, services, sample holders, edge (in the
+        cluster topology the edge first: replicas reach each other through its balancers)."""
         try:
             self.start_smtp_sink()
-            started = [(s, self.start_service(s)) for s in self.services]
-            for s, child in started:
-                self.wait_ready(self.ports[s], s, child)
-            for h in self.holders:
-                child = self.start_holder(h)
-                self.wait_ready(self.ports[f"holder:{h}"], f"holder-{h}", child)
-            self.start_nginx()
+            if self.clustered:
+                self.start_nginx()
+            started = [(s, k, self.start_service(s, k)) for s in self.services for k in self.replica_keys(s)]
+            for s, k, child in started:
+                self.wait_ready(self.ports[k], s, child)
+            holders = [(h, k, self.start_holder(h, k)) for h in self.holders for k in self.holder_keys(h)]
+            for h, k, child in holders:
+                self.wait_ready(self.ports[k], f"holder-{h}", child)
+            if not self.clustered:
+                self.start_nginx()
         except BaseException:
             self.stop()
             raise
@@ -775,6 +948,9 @@ def main(argv: list[str] | None = None) -> int:
                         "Kafka only; fetch: download what is missing and exit")
     parser.add_argument("--run-dir", default=str(ROOT / ".run"))
     parser.add_argument("--holders", default="living-room,basement", help="sample holders to start (comma list)")
+    parser.add_argument("--topology", choices=TOPOLOGIES, default=os.environ.get("TOPOLOGY") or "single",
+                        help="single: one process of everything; cluster: three Kafka brokers, two replicas of "
+                        "every service behind nginx, two instances of every sample holder")
     args = parser.parse_args(argv)
     if args.command == "fetch":
         if not os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
@@ -782,7 +958,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     holders = tuple(h for h in args.holders.split(",") if h) if args.command == "run" else ()
     stack = Stack(Path(args.run_dir), console=True, fixed_ports=True,
-                  services=tuple(SERVICES) if args.command == "run" else (), holders=holders)
+                  services=tuple(SERVICES) if args.command == "run" else (), holders=holders, topology=args.topology)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         if args.command == "infra":

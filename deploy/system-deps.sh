@@ -4,6 +4,8 @@
 #
 #   deploy/system-deps.sh run     PostgreSQL's server, nginx, a JDK (17+) and Maven
 #   deploy/system-deps.sh test    the same, plus Debian's Chromium for the browser tests
+#   deploy/system-deps.sh containers   the test set, plus Docker's engine (docker.io), debootstrap
+#                                 (base images without a registry) and docker-compose
 #
 # As root it runs apt-get itself. As another user it uses sudo when sudo is there and the user
 # allows it (HEARTH_SUDO=1, or "y" at the prompt on a terminal); otherwise it prints the one
@@ -25,8 +27,13 @@ if have java; then
 fi
 [ "$java_ok" = 1 ] || need+=(openjdk-17-jre-headless)
 have mvn || need+=(maven)
-if [ "$mode" = test ]; then
+if [ "$mode" = test ] || [ "$mode" = containers ]; then
   have chromium || [ -x /usr/bin/chromium ] || need+=(chromium)
+fi
+if [ "$mode" = containers ]; then
+  have dockerd || need+=(docker.io)
+  have debootstrap || [ -x /usr/sbin/debootstrap ] || need+=(debootstrap)
+  have docker-compose || need+=(docker-compose)
 fi
 
 [ ${#need[@]} -eq 0 ] && exit 0

@@ -279,7 +279,8 @@ async def producer_ctx(app: web.Application) -> AsyncIterator[None]:
 async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
     s = app[SETTINGS]
     relay = OutboxRelay(
-        s.db_url(), app[POOL], app[PRODUCER], service=s.service_name, poll_interval=s.outbox_poll_interval
+        s.db_url(), app[POOL], app[PRODUCER], service=s.service_name, poll_interval=s.outbox_poll_interval,
+        retention_seconds=s.outbox_retention, processed_retention=s.processed_events_retention,
     )
     relay.start()
     app[RELAY] = relay

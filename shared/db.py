@@ -60,8 +60,8 @@ async def ensure_database(dsn: str) -> None:
         if not exists:
             try:
                 await conn.execute(f'CREATE DATABASE "{name}"')
-            except asyncpg.DuplicateDatabaseError:
-                pass
+            except (asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
+                pass  # a sibling replica created it at the same moment (pg_database's unique index)
     finally:
         await conn.close()
 

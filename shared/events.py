@@ -299,7 +299,7 @@ class TwoFactorRecoveryCodeUsed(Event):
 @register
 @dataclass(frozen=True)
 class SessionsRevoked(Event):
-    """Fan-out: every session holder consumes this in its own group and evicts what it covers.
+    """Fan-out: every instance of every session holder reads this and evicts what it covers.
 
     ``session_ids`` lists the sessions revoked; ``all_sessions`` means every session of the account
     issued before ``cutoff`` (used when the list would be too long to carry).
@@ -327,6 +327,8 @@ class RevocationApplied(Event):
     applied_at: str
     revoked_at: str | None = None
     evicted: int = 0
+    # Which instance (process, pod) of the holder applied it; empty from kits older than issue 17.
+    instance_id: str = ""
 
 
 @register

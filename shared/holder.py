@@ -1,46 +1,70 @@
 """The holder kit: what any resource server embeds to hold Hearth sessions safely.
 
 ``HolderKit.validate(token)`` answers from a bounded TTL cache, else asks devicesession's RFC 7662
-introspection endpoint with the holder's credentials. A background consumer of ``sessions.revoked``,
-in the holder's **own** consumer group (``<prefix>holder.<holder id>``), evicts every cached entry an
-event covers (by session id, or by account for bulk and "all sessions" revocations) and acknowledges
-each with a ``revocation.applied`` event.
+introspection endpoint with the holder's credentials. A background reader of ``sessions.revoked``
+evicts every cached entry an event covers (by session id, or by account for bulk and "all sessions"
+revocations) and acknowledges each with a ``revocation.applied`` event naming the holder **and this
+instance** (``instance_id``).
+
+Every instance reads every revocation. Replicas of one holder (two pods of ``web``, two processes
+of ``hearth holder --name X``) each keep their own cache, so each must apply every revocation. The
+kit therefore reads **every partition** of ``sessions.revoked`` itself, with no consumer group
+(:class:`shared.consumer.ConsumeLoop` in broadcast mode), starting at the end of the log. It does
+not use a consumer group per instance: that would need a stable id per instance plus the deletion
+of the groups of instances that died (a Deployment would leave an orphan group per pod it ever ran),
+and what a group buys, resuming from a committed offset, is of no use to a cache that must start
+empty anyway. Without a group nothing is left behind and a sibling's start or death never causes a
+rebalance pause here.
 
 Safety rules:
 
-- The cache never outlives what the consumer can vouch for. On start, on every partition
-  assignment (a restart or a rebalance), and whenever the consumer fails, the whole cache is
-  dropped; while the consumer is not healthy, ``validate`` does not use the cache at all.
-- An introspection answer that raced with a revocation (a revocation was applied while the request
-  was in flight) is not cached, and is asked again.
+- A new instance starts with an empty cache, and caches nothing until its position at the end of
+  every partition is resolved (a revocation published after that point is read; anything before
+  it concerns tokens this instance never cached).
+- It never serves a token revoked after it started: every revocation is read in offset order; an
+  introspection answer that raced with a revocation (one was applied while the request was in
+  flight) is not cached and is asked again.
+- A gap it cannot rule out drops its cache: a record that is not the one after the last on its
+  partition, a position that fell out of the retained log, partitions added to the topic, a failure
+  of the reader, an undecodable revocation. While the reader has not heard from every partition's
+  leader within ``max_staleness`` seconds (a broker down), ``validate`` does not use the cache at
+  all (introspection answers), and the cache is dropped.
 - Negative answers are cached briefly (``negative_ttl``) so a flood of bad tokens cannot hammer
   introspection.
 - The cache is keyed by a local SHA-256 of the token; no plaintext token is kept.
 
-Holder credentials: ``holder_id`` and ``holder_secret(master, holder_id)`` (HTTP Basic). See
-docs/INTERNAL-API.md.
+``on_revocation`` is for the holder's own in-memory state; it runs in every instance. Durable state
+that a revocation changes belongs in a group consumer (:class:`shared.consumer.ConsumerRunner`),
+which applies it once per holder, not once per instance.
+
+Instance ids: ``INSTANCE_ID``, else ``POD_NAME`` (Kubernetes' downward API), else
+``<hostname>-<pid>`` (a container's hostname is its name or id). See docs/INTERNAL-API.md for the
+holder credentials (``holder_id`` and ``holder_secret(master, holder_id)``, HTTP Basic).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
 import hmac
 import logging
+import os
+import socket
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from aiohttp import web
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
 from prometheus_client import Counter, Gauge, Histogram
 
 from shared import kafka
+from shared.consumer import ConsumeLoop
+from shared.errors import Unavailable
 from shared.events import (
     REVOCATIONS_APPLIED,
     SESSIONS_REVOKED,
@@ -56,23 +80,37 @@ from shared.events import (
 
 log = logging.getLogger(__name__)
 
-CACHE_LOOKUPS = Counter("hearth_holder_cache_lookups_total", "validate() lookups", ["holder", "result"])
-REVOCATIONS_APPLIED_TOTAL = Counter("hearth_holder_revocations_applied_total", "Revocations applied", ["holder"])
-EVICTIONS = Counter("hearth_holder_evictions_total", "Cache entries evicted by revocations", ["holder"])
-CACHE_DROPS = Counter("hearth_holder_cache_drops_total", "Whole-cache drops (restart, rebalance, gap)", ["holder"])
+_L = ["holder", "instance"]
+CACHE_LOOKUPS = Counter("hearth_holder_cache_lookups_total", "validate() lookups", [*_L, "result"])
+REVOCATIONS_APPLIED_TOTAL = Counter("hearth_holder_revocations_applied_total", "Revocations applied", _L)
+EVICTIONS = Counter("hearth_holder_evictions_total", "Cache entries evicted by revocations", _L)
+CACHE_DROPS = Counter("hearth_holder_cache_drops_total", "Whole-cache drops (start, gap, stall, failure)", _L)
 APPLY_LATENCY = Histogram(
     "hearth_holder_apply_latency_seconds",
-    "Time from a revocation's occurrence to this holder applying it",
-    ["holder"],
+    "Time from a revocation's occurrence to this holder instance applying it",
+    _L,
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
-CACHE_SIZE = Gauge("hearth_holder_cache_entries", "Cached tokens", ["holder"])
+CACHE_SIZE = Gauge("hearth_holder_cache_entries", "Cached tokens", _L)
+
+
+def instance_id() -> str:
+    """This process's instance id: INSTANCE_ID, else POD_NAME, else <hostname>-<pid>."""
+    for var in ("INSTANCE_ID", "POD_NAME"):
+        value = os.environ.get(var, "").strip()
+        if value:
+            return value[:200]
+    return f"{socket.gethostname()}-{os.getpid()}"[:200]
 
 
 def holder_secret(master: str, holder_id: str) -> str:
     """The introspection credential of ``holder_id``, derived from the master HOLDER_SECRET."""
     mac = hmac.new(master.encode(), b"holder:" + holder_id.encode(), hashlib.sha256).digest()
     return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+
+
+class IntrospectionUnavailable(Unavailable):
+    """devicesession could not be asked (down, restarting, overloaded): answer 503, retry later."""
 
 
 @dataclass(frozen=True)
@@ -106,8 +144,13 @@ class HolderKit:
         max_entries: int = 100_000,
         timeout: float = 5.0,
         on_revocation: Callable[[SessionsRevoked], Awaitable[None]] | None = None,
+        instance: str | None = None,
+        max_staleness: float = 5.0,
     ) -> None:
         self.holder_id = holder_id
+        self.instance_id = instance or instance_id()
+        self.max_staleness = max_staleness
+        self._labels = (holder_id, self.instance_id)
         self.introspect_url = introspect_url
         self.auth = aiohttp.BasicAuth(holder_id, holder_secret)
         self.bootstrap = bootstrap
@@ -119,17 +162,16 @@ class HolderKit:
         self.on_revocation = on_revocation
         self._producer = producer
         self._own_producer = producer is None
+        # Per-process by design (issue 17): each instance's cache is kept honest by its own reader of
+        # every revocation, under the safety rules of the module docstring.
         self._cache: OrderedDict[bytes, _Entry] = OrderedDict()
         self._by_session: dict[str, set[bytes]] = {}
         self._by_account: dict[str, set[bytes]] = {}
         self._seq = 0  # bumped on every applied revocation and every drop
-        self._healthy = False
         self._inflight: dict[bytes, asyncio.Future[Principal | None]] = {}
         self._session: aiohttp.ClientSession | None = None
-        self._consumer: AIOKafkaConsumer | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = False
-        self.assigned = asyncio.Event()
+        self._loop: ConsumeLoop | None = None
+        self.assigned = asyncio.Event()  # positioned at the end of every partition once
         self.applied: list[tuple[str, float]] = []  # (revocation id, monotonic time) for tests and benches
 
     # ------------------------------------------------------------------ lifecycle
@@ -142,17 +184,20 @@ class HolderKit:
             await kafka.start_producer(self._producer)
         await kafka.ensure_topics(self.bootstrap, [self.topic_prefix + SESSIONS_REVOKED,
                                                    self.topic_prefix + REVOCATIONS_APPLIED])
-        self._task = asyncio.create_task(self._run(), name=f"holder-{self.holder_id}")
+        self._loop = ConsumeLoop(
+            bootstrap=self.bootstrap, topics=[self.topic_prefix + SESSIONS_REVOKED], group=None, start="latest",
+            name=f"holder-{self.holder_id}", on_records=self._records, on_reset=self._on_reset,
+            # An idle holder should cost next to nothing: a long poll (the broker answers as soon as a
+            # revocation arrives) and metadata once a minute (200 kits on 2 cores otherwise eat the CPU
+            # that sign-ins need).
+            fetch_max_wait_ms=500, poll_timeout_ms=500, metadata_max_age_ms=60_000,
+            max_staleness=self.max_staleness, client_id=f"holder-{self.holder_id}-{self.instance_id}",
+        )
+        self._loop.start()
 
     async def stop(self) -> None:
-        self._stopping = True
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-        if self._consumer is not None:
-            with contextlib.suppress(Exception):
-                await self._consumer.stop()
+        if self._loop is not None:
+            await self._loop.stop(wait=2.0)
         if self._session is not None:
             await self._session.close()
         if self._own_producer and self._producer is not None:
@@ -160,7 +205,8 @@ class HolderKit:
 
     @property
     def healthy(self) -> bool:
-        return self._healthy
+        """Whether the cache may be used: positioned, and every partition heard from recently."""
+        return self._loop is not None and self._loop.fresh
 
     # ------------------------------------------------------------------ validation
 
@@ -174,13 +220,13 @@ class HolderKit:
             return None
         key = self._key(token)
         now = time.monotonic()
-        if self._healthy:
+        if self.healthy:
             entry = self._cache.get(key)
             if entry is not None and entry.expires > now:
                 self._cache.move_to_end(key)
-                CACHE_LOOKUPS.labels(self.holder_id, "hit" if entry.principal else "negative_hit").inc()
+                CACHE_LOOKUPS.labels(*self._labels, "hit" if entry.principal else "negative_hit").inc()
                 return entry.principal
-        CACHE_LOOKUPS.labels(self.holder_id, "miss").inc()
+        CACHE_LOOKUPS.labels(*self._labels, "miss").inc()
         pending = self._inflight.get(key)
         if pending is not None:
             return await asyncio.shield(pending)
@@ -202,18 +248,25 @@ class HolderKit:
             seq = self._seq
             principal = await self._introspect(token)
             if seq == self._seq:
-                if self._healthy:
+                if self.healthy:
                     self._store(key, principal)
                 return principal
             # A revocation was applied while we asked: the answer may predate it. Ask again.
         return await self._introspect(token)
 
     async def _introspect(self, token: str) -> Principal | None:
+        """Ask devicesession. Raises :class:`IntrospectionUnavailable` (a 503 in Hearth's services)
+        when it cannot answer: a holder never guesses about a token."""
         assert self._session is not None, "HolderKit.start() was not called"
-        async with self._session.post(self.introspect_url, data={"token": token}, auth=self.auth) as resp:
-            if resp.status != 200:
-                raise RuntimeError(f"introspection failed with HTTP {resp.status}")
-            body = await resp.json()
+        try:
+            async with self._session.post(self.introspect_url, data={"token": token}, auth=self.auth) as resp:
+                if resp.status != 200:
+                    log.warning("introspection failed", extra={"holder": self.holder_id, "status": resp.status})
+                    raise IntrospectionUnavailable()
+                body = await resp.json()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("introspection failed", extra={"holder": self.holder_id, "error": type(exc).__name__})
+            raise IntrospectionUnavailable() from exc
         if not body.get("active"):
             return None
         return Principal(
@@ -237,7 +290,7 @@ class HolderKit:
         while len(self._cache) > self.max_entries:
             k, e = self._cache.popitem(last=False)
             self._unindex(k, e)
-        CACHE_SIZE.labels(self.holder_id).set(len(self._cache))
+        CACHE_SIZE.labels(*self._labels).set(len(self._cache))
 
     def _unindex(self, key: bytes, entry: _Entry) -> None:
         p = entry.principal
@@ -257,7 +310,7 @@ class HolderKit:
         entry = self._cache.pop(key, None)
         if entry is not None:
             self._unindex(key, entry)
-            CACHE_SIZE.labels(self.holder_id).set(len(self._cache))
+            CACHE_SIZE.labels(*self._labels).set(len(self._cache))
 
     def drop_cache(self, why: str) -> None:
         """Forget everything (restart, rebalance, or a gap in the revocation stream)."""
@@ -265,9 +318,9 @@ class HolderKit:
         self._cache.clear()
         self._by_session.clear()
         self._by_account.clear()
-        CACHE_DROPS.labels(self.holder_id).inc()
-        CACHE_SIZE.labels(self.holder_id).set(0)
-        log.info("holder cache dropped", extra={"holder": self.holder_id, "why": why})
+        CACHE_DROPS.labels(*self._labels).inc()
+        CACHE_SIZE.labels(*self._labels).set(0)
+        log.info("holder cache dropped", extra={"holder": self.holder_id, "instance": self.instance_id, "why": why})
 
     # ------------------------------------------------------------------ revocations
 
@@ -291,63 +344,18 @@ class HolderKit:
             e = self._cache.pop(k, None)
             if e is not None:
                 self._unindex(k, e)
-        EVICTIONS.labels(self.holder_id).inc(len(keys))
-        CACHE_SIZE.labels(self.holder_id).set(len(self._cache))
+        EVICTIONS.labels(*self._labels).inc(len(keys))
+        CACHE_SIZE.labels(*self._labels).set(len(self._cache))
         return len(keys)
 
-    async def _run(self) -> None:
-        group = f"{self.topic_prefix}holder.{self.holder_id}"
-        topic = self.topic_prefix + SESSIONS_REVOKED
-        kit = self
+    async def _on_reset(self, why: str) -> None:
+        self.drop_cache(why)
+        if why == "positioned":
+            self.assigned.set()
 
-        class Listener(ConsumerRebalanceListener):  # type: ignore[misc]
-            async def on_partitions_revoked(self, revoked: object) -> None:
-                kit._healthy = False
-
-            async def on_partitions_assigned(self, assigned: object) -> None:
-                kit.drop_cache("partitions assigned")
-                kit._healthy = True
-                kit.assigned.set()
-
-        backoff = 0.5
-        while not self._stopping:
-            self._consumer = AIOKafkaConsumer(
-                bootstrap_servers=self.bootstrap,
-                group_id=group,
-                enable_auto_commit=False,
-                auto_offset_reset="latest",
-                # An idle holder should cost next to nothing: heartbeats every 3 s, metadata once a minute
-                # (20 holders on 2 cores otherwise eat the CPU that sign-ins need).
-                session_timeout_ms=10_000,
-                heartbeat_interval_ms=3_000,
-                metadata_max_age_ms=60_000,
-                # Long poll: the broker answers as soon as a revocation arrives; a short wait would only
-                # make every idle holder poll the broker 20 times a second.
-                fetch_max_wait_ms=500,
-            )
-            try:
-                self._consumer.subscribe([topic], listener=Listener())
-                await self._consumer.start()
-                backoff = 0.5
-                while not self._stopping:
-                    batches = await self._consumer.getmany(timeout_ms=500, max_records=500)
-                    for records in batches.values():
-                        for record in records:
-                            await self._handle(record.value)
-                    if batches:
-                        await self._consumer.commit()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("holder consumer failed; cache dropped until it recovers",
-                              extra={"holder": self.holder_id})
-            finally:
-                self._healthy = False
-                self.drop_cache("consumer stopped")
-                with contextlib.suppress(Exception):
-                    await self._consumer.stop()
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 10)
+    async def _records(self, tp: TopicPartition, records: list[ConsumerRecord[Any, Any]]) -> None:
+        for record in records:
+            await self._handle(record.value)
 
     async def _handle(self, raw: bytes) -> None:
         try:
@@ -359,23 +367,32 @@ class HolderKit:
             return
         evicted = self.apply(rev)
         if self.on_revocation is not None:
-            # The holder's own state (e.g. tokens waiting to be collected); a failure here stops the
-            # batch before its commit, so the revocation is delivered again.
-            await self.on_revocation(rev)
+            # The holder's own in-memory state. It must not be skipped: retry, and if it keeps failing
+            # the reader restarts (its cache dropped, like any gap).
+            for attempt in range(5):
+                try:
+                    await self.on_revocation(rev)
+                    break
+                except Exception:
+                    if attempt == 4:
+                        raise
+                    log.warning("on_revocation failed; retrying", exc_info=True, extra={"holder": self.holder_id})
+                    await asyncio.sleep(0.1 * 2 ** attempt)
         now = utcnow()
         self.applied.append((rev.revocation_id, time.monotonic()))
         if len(self.applied) > 100_000:
             del self.applied[:50_000]
-        REVOCATIONS_APPLIED_TOTAL.labels(self.holder_id).inc()
-        APPLY_LATENCY.labels(self.holder_id).observe(max(0.0, (now - env.occurred_at).total_seconds()))
+        REVOCATIONS_APPLIED_TOTAL.labels(*self._labels).inc()
+        APPLY_LATENCY.labels(*self._labels).observe(max(0.0, (now - env.occurred_at).total_seconds()))
         ack = envelope(
             RevocationApplied(holder_id=self.holder_id, revocation_id=rev.revocation_id, applied_at=iso(now),
-                              revoked_at=iso(env.occurred_at), evicted=evicted),
+                              revoked_at=iso(env.occurred_at), evicted=evicted, instance_id=self.instance_id),
             producer=f"holder-{self.holder_id}",
             key=rev.revocation_id,
         )
         assert self._producer is not None
         # Fire and forget: the ack is observability; holding revocations back for it is worse.
+        # Keyed by revocation id, so one revocation's acks from every instance share a partition.
         await self._producer.send(self.topic_prefix + REVOCATIONS_APPLIED, ack.encode(), key=ack.key.encode(),
                                   headers=ack.headers())
 
@@ -406,7 +423,10 @@ def holder_ctx_factory(
         app[HOLDER] = kit
 
         async def ready() -> bool:
-            return kit.healthy
+            # Positioned once. Not "fresh": a broker that is down for a while makes every replica
+            # stale at once, and validate then answers by introspection, so it must not take every
+            # replica out of service.
+            return kit.assigned.is_set()
 
         add_ready_check(app, f"holder:{holder_id}", ready)
         yield

@@ -1,13 +1,20 @@
 """Kafka producer wrapper and topic set-up (aiokafka).
 
 The producer is idempotent with ``acks=all``: a retried send cannot duplicate or reorder records
-within a partition, which the outbox relay relies on for per-key order.
+within a partition, which the outbox relay relies on for per-key order. With topics at replication
+factor 3 and ``min.insync.replicas=2`` (the cluster topology, production), an acknowledged record
+is on at least two brokers, so losing any one broker loses nothing acknowledged.
+
+Topics created at start get ``TOPIC_REPLICATION_FACTOR`` replicas (default 1, single broker) and,
+when ``TOPIC_MIN_INSYNC_REPLICAS`` is set, that topic-level ``min.insync.replicas``. The same
+variables are read by every process that creates topics (services, holder kits, ``hearth`` commands).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Iterable
 
 from aiokafka import AIOKafkaProducer
@@ -50,8 +57,19 @@ async def publish(producer: AIOKafkaProducer, topic: str, env: Envelope) -> None
     await producer.send_and_wait(topic, env.encode(), key=env.key.encode(), headers=env.headers())
 
 
-async def ensure_topics(bootstrap: str, topics: Iterable[str], *, partitions: int = 4) -> None:
+def replication() -> tuple[int, dict[str, str]]:
+    """(replication factor, topic configs) for topics created here, from the environment."""
+    rf = int(os.environ.get("TOPIC_REPLICATION_FACTOR", "1") or 1)
+    min_isr = os.environ.get("TOPIC_MIN_INSYNC_REPLICAS", "").strip()
+    return rf, ({"min.insync.replicas": str(int(min_isr))} if min_isr else {})
+
+
+async def ensure_topics(bootstrap: str, topics: Iterable[str], *, partitions: int = 4,
+                        replication_factor: int | None = None) -> None:
     """Create topics that do not exist yet. Idempotent; tolerates concurrent creators."""
+    rf, configs = replication()
+    if replication_factor is not None:
+        rf = replication_factor
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15_000)
     for i in range(60):
         try:
@@ -64,7 +82,7 @@ async def ensure_topics(bootstrap: str, topics: Iterable[str], *, partitions: in
     try:
         existing = set(await admin.list_topics())
         new = [
-            NewTopic(name=t, num_partitions=partitions, replication_factor=1)
+            NewTopic(name=t, num_partitions=partitions, replication_factor=rf, topic_configs=dict(configs))
             for t in dict.fromkeys(topics)
             if t not in existing
         ]
@@ -75,3 +93,39 @@ async def ensure_topics(bootstrap: str, topics: Iterable[str], *, partitions: in
                 pass
     finally:
         await admin.close()
+
+
+# Consumer groups of Hearth's services; each has a dead-letter topic ``<group>.dlq``.
+SERVICE_GROUPS = ("devicesession.revoker", "devicesession.acks", "linkcode.revocations", "notification")
+
+
+async def create_all(bootstrap: str, *, prefix: str = "", partitions: int = 12, replication_factor: int = 3,
+                     min_insync: int = 2) -> list[str]:
+    """Every topic Hearth uses, at a production replication policy (the Kubernetes topics Job)."""
+    from shared.events import ALL_TOPICS, dead_letter_topic
+
+    os.environ["TOPIC_MIN_INSYNC_REPLICAS"] = str(min_insync)
+    topics = [prefix + t for t in ALL_TOPICS] + [dead_letter_topic(prefix + g) for g in SERVICE_GROUPS]
+    await ensure_topics(bootstrap, topics, partitions=partitions, replication_factor=replication_factor)
+    return topics
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m shared.kafka``: create every topic with a production replication policy."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m shared.kafka", description=main.__doc__)
+    p.add_argument("--bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"))
+    p.add_argument("--prefix", default=os.environ.get("TOPIC_PREFIX", ""))
+    p.add_argument("--partitions", type=int, default=int(os.environ.get("TOPIC_PARTITIONS", "12")))
+    p.add_argument("--replication-factor", type=int, default=3)
+    p.add_argument("--min-insync-replicas", type=int, default=2)
+    a = p.parse_args(argv)
+    topics = asyncio.run(create_all(a.bootstrap, prefix=a.prefix, partitions=a.partitions,
+                                    replication_factor=a.replication_factor, min_insync=a.min_insync_replicas))
+    print(f"{len(topics)} topics present: {', '.join(topics)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

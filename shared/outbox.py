@@ -10,10 +10,17 @@ transaction. If Kafka is down, the send fails, the transaction rolls back, and t
 with backoff: no committed event is lost. The relay wakes on ``LISTEN outbox`` (a statement trigger
 notifies on insert) and polls as a fallback.
 
-Per-key order: only one relay per database publishes at a time (a session advisory lock; other
-replicas stand by and take over if it dies), rows are sent in id order by one idempotent producer,
+Per-key order: only one relay per database publishes at a time (a session advisory lock held on
+a dedicated connection; other replicas poll for it every ``poll_interval`` seconds, and when the
+leader dies its connection closes, PostgreSQL releases the lock and a standby takes over within
+about a second), rows are sent in id order by one idempotent producer,
 and a batch is stamped only when all of it was acknowledged. A crash between the broker's ack and
 the stamp re-sends the batch: delivery is at-least-once and consumers deduplicate by event id.
+
+Housekeeping: the leader also purges, once a minute, published rows older than
+``retention_seconds`` and ``processed_events`` markers older than ``processed_retention`` (which
+must outlast the topics' retention, or a redelivered event would no longer be recognised), in
+batches so no purge holds locks for long.
 """
 
 from __future__ import annotations
@@ -43,6 +50,8 @@ OUTBOX_LAG = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 OUTBOX_PENDING = Gauge("hearth_outbox_pending", "Unpublished outbox rows seen by the relay", ["service"])
+RELAY_ACTIVE = Gauge("hearth_outbox_relay_active", "1 while this replica's relay holds the lock and publishes",
+                     ["service"])
 
 
 async def add(conn: asyncpg.Connection, topic: str, env: Envelope) -> None:
@@ -87,6 +96,7 @@ class OutboxRelay:
         batch_size: int = 1000,
         poll_interval: float = 1.0,
         retention_seconds: float = 24 * 3600,
+        processed_retention: float = 8 * 24 * 3600,
     ) -> None:
         self.dsn = dsn
         self.pool = pool
@@ -95,6 +105,7 @@ class OutboxRelay:
         self.batch_size = batch_size
         self.poll_interval = poll_interval
         self.retention_seconds = retention_seconds
+        self.processed_retention = processed_retention
         self._wake = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
@@ -135,6 +146,8 @@ class OutboxRelay:
                 self.active = False
                 await asyncio.sleep(self.poll_interval)
             self.active = True
+            RELAY_ACTIVE.labels(self.service).set(1)
+            log.info("outbox relay leading", extra={"service": self.service})
             await conn.add_listener("outbox", lambda *_: self._wake.set())
             last_purge = 0.0
             while not self._stopping:
@@ -149,6 +162,7 @@ class OutboxRelay:
                     await asyncio.wait_for(self._wake.wait(), self.poll_interval)
         finally:
             self.active = False
+            RELAY_ACTIVE.labels(self.service).set(0)
             with contextlib.suppress(Exception):
                 await conn.close()
 
@@ -191,9 +205,19 @@ class OutboxRelay:
             OUTBOX_PUBLISHED.labels(self.service).inc(len(rows))
             return len(rows)
 
-    async def _purge(self) -> None:
-        async with self.pool.acquire() as conn:
-            await conn.execute(
-                "DELETE FROM outbox WHERE published_at < now() - make_interval(secs => $1)",
-                self.retention_seconds,
-            )
+    async def _purge(self) -> int:
+        """Delete old published rows and processed-event markers; returns how many went."""
+        gone = 0
+        for sql, keep in (
+            ("DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE published_at"
+             " < now() - make_interval(secs => $1) LIMIT 10000)", self.retention_seconds),
+            ("DELETE FROM processed_events WHERE ctid IN (SELECT ctid FROM processed_events WHERE processed_at"
+             " < now() - make_interval(secs => $1) LIMIT 10000)", self.processed_retention),
+        ):
+            while True:
+                async with self.pool.acquire() as conn:
+                    n = int((await conn.execute(sql, keep)).split()[-1])
+                gone += n
+                if n < 10000:
+                    break
+        return gone

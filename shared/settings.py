@@ -46,6 +46,11 @@ class CommonSettings(BaseSettings):
     # Prepended to every topic and consumer group: lets test runs share one broker.
     topic_prefix: str = ""
     topic_partitions: int = 4
+    # Housekeeping (issue 17), run by the replica that holds the outbox relay lock: published outbox
+    # rows are kept a day; processed-event markers 8 days, longer than the topics' retention (7 days
+    # by Kafka's default, 24 h on the development brokers), so a redelivery is still recognised.
+    outbox_retention: float = 86400.0
+    processed_events_retention: float = 8 * 86400.0
     client_max_size: int = 64 * 1024
     # Shared secret of internal callers (service to service), sent as a Bearer token.
     internal_api_secret: SecretStr

@@ -31,7 +31,7 @@ from shared import db  # noqa: E402
 from shared.settings import with_database  # noqa: E402
 
 RUN_ID = uuid.uuid4().hex[:8]
-_REAL = {"stack", "stack_obj", "infra", "scratch_db", "topic", "tap"}
+_REAL = {"stack", "stack_obj", "infra", "scratch_db", "topic", "tap", "cluster"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -52,15 +52,22 @@ class Infra:
 
 
 def _containers_infra() -> tuple[str, str, list[object]]:
-    """Kafka and PostgreSQL from testcontainers (needs a Docker engine; not used on CI)."""
-    from testcontainers.kafka import KafkaContainer
-    from testcontainers.postgres import PostgresContainer
+    """Kafka and PostgreSQL from Hearth's own images (``make images``), started by testcontainers on
+    the host network on free ports; Ryuk is disabled and ``stack_obj`` removes them."""
+    from deploy.launcher import free_port
+    from hearth_testing import containers as tc
 
-    pg = PostgresContainer("postgres:16-alpine", driver=None)
-    kafka = KafkaContainer("apache/kafka:4.1.1").with_kraft()
-    pg.start()
-    kafka.start()
-    return pg.get_connection_url(), kafka.get_bootstrap_server(), [pg, kafka]
+    started: list[object] = []
+    try:
+        pg, url = tc.start_postgres(RUN_ID, free_port(), password=secrets.token_urlsafe(16))
+        started.append(pg)
+        kafka, bootstrap = tc.start_kafka(RUN_ID, free_port(), free_port())
+        started.append(kafka)
+    except BaseException:
+        tc.stop_all(started)
+        tc.remove_labelled(RUN_ID)
+        raise
+    return url, bootstrap, started
 
 
 @pytest.fixture(scope="session")
@@ -70,8 +77,8 @@ def stack_obj() -> Iterator[Stack]:
     extra: dict[str, str] = {}
     if os.environ.get("HEARTH_INFRA") == "containers":
         url, bootstrap, containers = _containers_infra()
-        os.environ.setdefault("DATABASE_URL", url)
-        os.environ.setdefault("KAFKA_BOOTSTRAP_SERVERS", bootstrap)
+        os.environ["DATABASE_URL"] = url
+        os.environ["KAFKA_BOOTSTRAP_SERVERS"] = bootstrap
     prefix = f"t{RUN_ID}."
     # Test databases: hearth_<service> would clash between runs sharing a server, so prefix them.
     stack = Stack(
@@ -81,6 +88,8 @@ def stack_obj() -> Iterator[Stack]:
         holders=TEST_HOLDERS,
         topic_prefix=prefix,
         fast_db=True,
+        # Every fan-out test runs against two instances of each holder (issue 17).
+        holder_instances=2,
         public_host="localhost",  # WebAuthn (passkey tests) needs a domain as relying-party id
         extra_env={
             **extra,
@@ -96,13 +105,23 @@ def stack_obj() -> Iterator[Stack]:
             "LOG_LEVEL": "INFO",
         },
     )
-    stack.start_infra()
+    try:
+        stack.start_infra()
+    except BaseException:
+        if containers:
+            from hearth_testing import containers as tc
+
+            tc.stop_all(containers)
+        raise
     try:
         yield stack
     finally:
         stack.stop()
-        for c in containers:
-            c.stop()  # type: ignore[attr-defined]
+        if containers:
+            from hearth_testing import containers as tc
+
+            tc.stop_all(containers)
+            tc.remove_labelled(RUN_ID)
         if os.environ.get("HEARTH_KEEP_TEST_RUN") != "1":
             remove_run_dir(run_dir)
 

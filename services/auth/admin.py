@@ -244,9 +244,18 @@ async def _incident_status(s: Settings, incident_id: str) -> int:
         if summary["sign_out"]:
             r = await devicesession.call("GET", f"/internal/incidents/{incident_id}/revocations")
             click.echo(f"  sessions revoked: {r['revoked']:,} in {r['events']:,} revocation events")
+            per_instance = r.get("instances", {})
             for holder in sorted(set(r["known_holders"]) | set(r["holders"])):
                 h = r["holders"].get(holder)
-                if h:
+                insts = per_instance.get(holder, {})
+                complete = sorted(i for i, v in insts.items() if v["applied"] >= r["events"])
+                if h and insts:
+                    click.echo(f"    holder {holder}: applied all on {len(complete)} of {len(insts)} instances"
+                               f" (p99 {h['p99_seconds'] * 1000:.0f} ms)")
+                    for inst, v in sorted(insts.items()):
+                        if v["applied"] < r["events"]:
+                            click.echo(f"      instance {inst or '-'}: applied {v['applied']:,}/{r['events']:,}")
+                elif h:
                     done = "all" if h["applied"] >= r["events"] else f"{h['applied']:,}/{r['events']:,}"
                     click.echo(f"    holder {holder}: applied {done} (p99 {h['p99_seconds'] * 1000:.0f} ms)")
                 else:

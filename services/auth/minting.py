@@ -14,6 +14,10 @@ statement), so the batcher holds a mint while other sign-ins are still hashing, 
 - Each item succeeds or fails alone: a refused item raises its own error for its own sign-in; a
   failed call raises for every sign-in in the batch.
 - ``window`` 0 turns batching off.
+
+Per-process by design (issue 17): a batch holds only this replica's own sign-ins, which is all
+batching needs; nothing is shared with other replicas and nothing is lost with a replica but the
+sign-ins that were in flight in it.
 """
 
 from __future__ import annotations

@@ -66,6 +66,12 @@ async def mint_pool_ctx(app: web.Application) -> AsyncIterator[None]:
     await pool.close()
 
 
+async def purge_instances(app: web.Application) -> None:
+    """Holder instances not heard of for 30 days are forgotten (pods get new names on every start);
+    their acknowledgements stay."""
+    await app[POOL].execute("DELETE FROM holder_instances WHERE last_seen_at < now() - interval '30 days'")
+
+
 def auth_consumer(app: web.Application) -> ConsumerRunner:
     s = app[SETTINGS]
     return ConsumerRunner(
@@ -92,6 +98,7 @@ def create_app(settings: Settings) -> web.Application:
         relay_ctx,
         topics_ctx,
         periodic_ctx("touch-flusher", lambda app: _settings(app).touch_interval, flush_touches, at_exit=True),
+        periodic_ctx("holder-instances-purge", lambda app: 3600.0, purge_instances),
         consumer_ctx(auth_consumer),
         consumer_ctx(ack_consumer),
     ])

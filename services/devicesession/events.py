@@ -5,7 +5,8 @@ acknowledgements.
   the account except ``keep_session_id`` in one statement and publish one ``sessions.revoked``.
 - ``auth.events`` / ``passwords.changed`` (the breach command's batch form): revoke every session of
   every listed account in one statement; one ``sessions.revoked`` naming the accounts.
-- ``revocations.applied``: store each holder's acknowledgement (the fan-out view).
+- ``revocations.applied``: store each holder instance's acknowledgement (the fan-out view), and
+  when each instance was first and last heard of (``holder_instances``).
 
 All run in the ConsumerRunner's transaction with its processed-events marker, and the revocation is
 also unique on its causing event id: a redelivered event revokes nothing twice and publishes nothing.
@@ -14,6 +15,7 @@ also unique on its causing event id: a redelivered event revokes nothing twice a
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 
 import asyncpg
 
@@ -31,6 +33,8 @@ from shared.events import (
     parse_time,
 )
 
+ISSUE_MARGIN = timedelta(milliseconds=50)
+
 
 def _uuid(value: str | None) -> uuid.UUID | None:
     if not value:
@@ -41,8 +45,12 @@ def _uuid(value: str | None) -> uuid.UUID | None:
 def make_auth_handler(topics: service.Topics) -> EventHandlers:
     async def on_password_changed(conn: asyncpg.Connection, ev: PasswordChanged, env: Envelope) -> None:
         if ev.revoke_sessions:
+            # Sessions signed in after the change (with the new password) are not the change's to revoke,
+            # even when its event arrives late (a consumer replica died, a broker failed over). The
+            # margin absorbs clock skew between auth's host and the database (NTP keeps it far below).
             await service.revoke_sessions(conn, topics,
-                                          service.AccountSessions(uuid.UUID(ev.account_id), _uuid(ev.keep_session_id)),
+                                          service.AccountSessions(uuid.UUID(ev.account_id), _uuid(ev.keep_session_id),
+                                                                  issued_before=env.occurred_at + ISSUE_MARGIN),
                                           service.Cause(ev.cause, event_id=env.id))
 
     async def on_passwords_changed(conn: asyncpg.Connection, batch: PasswordsChanged, env: Envelope) -> None:
@@ -58,7 +66,8 @@ def make_auth_handler(topics: service.Topics) -> EventHandlers:
 
 
 async def on_ack(conn: asyncpg.Connection, ack: RevocationApplied, env: Envelope) -> None:
-    await store.insert_ack(conn, uuid.UUID(ack.revocation_id), ack.holder_id[:200], parse_time(ack.applied_at))
+    await store.insert_ack(conn, uuid.UUID(ack.revocation_id), ack.holder_id[:200], parse_time(ack.applied_at),
+                           ack.instance_id[:200])
 
 
 ACKS = EventHandlers("devicesession.acks", {RevocationApplied: on_ack})

@@ -22,6 +22,8 @@ from shared.tokens import same
 
 log = logging.getLogger(__name__)
 TOPICS = web.AppKey("topics", service.Topics)
+# Per-process by design (issue 17): last-used times waiting for the batched write; a replica that
+# dies loses at most TOUCH_INTERVAL seconds of "last seen", which decides nothing.
 TOUCHES = web.AppKey("touches", dict)
 MINT_POOL = web.AppKey("mint_pool", asyncpg.Pool)
 
@@ -207,11 +209,18 @@ async def revocation_acks(request: web.Request) -> web.Response:
     pool = request.app[POOL]
     acks = await store.revocation_acks(pool, rid)
     holders = await store.holder_ids(pool)
+    created = await pool.fetchval("SELECT created_at FROM revocations WHERE id = $1", rid)
+    alive = await store.expected_instances(pool, created) if created is not None else {}
+    applied = {(a["holder_id"], a["instance_id"]) for a in acks}
     return web.json_response({
         "revocation_id": str(rid),
-        "acks": [{"holder_id": a["holder_id"], "applied_at": a["applied_at"].isoformat()} for a in acks],
+        "acks": [{"holder_id": a["holder_id"], "instance_id": a["instance_id"],
+                  "applied_at": a["applied_at"].isoformat()} for a in acks],
         "holders": holders,
         "missing": sorted(set(holders) - {a["holder_id"] for a in acks}),
+        # Instances alive across the revocation (acknowledged before and after it) that did not apply it.
+        "missing_instances": sorted({f"{h}/{i}" for h, insts in alive.items() for i in insts} -
+                                    {f"{h}/{i}" for h, i in applied}),
     })
 
 
@@ -244,6 +253,7 @@ async def introspect(request: web.Request) -> web.Response:
     })
 
 
+# Per-process by design: only saves re-recording a holder this replica already recorded.
 HOLDERS_SEEN = web.AppKey("holders_seen", set)
 
 

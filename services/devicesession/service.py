@@ -153,6 +153,9 @@ class AccountSessions:
 
     account_id: uuid.UUID
     except_session_id: uuid.UUID | None = None
+    # Only sessions created up to then: a password change revokes what was signed in before it,
+    # never a sign-in with the new password that landed before its (delayed) event.
+    issued_before: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -218,9 +221,9 @@ async def revoke_sessions(conn: asyncpg.Connection, topics: Topics, selector: Se
         if await _handled_before(conn, cause):
             return Revocation.none()  # revoking again would cut off sessions made since
         match selector:
-            case AccountSessions(account_id=account, except_session_id=keep):
+            case AccountSessions(account_id=account, except_session_id=keep, issued_before=before):
                 revoked, cutoff = await store.revoke_sessions(conn, reason=cause.name, account_id=account,
-                                                              except_session_id=keep)
+                                                              except_session_id=keep, issued_before=before)
             case DeviceSessions(account_id=account, device_id=device):
                 revoked, cutoff = await store.revoke_sessions(conn, reason=cause.name, account_id=account,
                                                               device_id=device)

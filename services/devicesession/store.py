@@ -168,6 +168,7 @@ async def revoke_sessions(
     session_ids: list[UUID] | None = None,
     device_id: int | None = None,
     except_session_id: UUID | None = None,
+    issued_before: datetime | None = None,
 ) -> tuple[list[tuple[UUID, UUID]], datetime]:
     """Revoke matching live sessions in one statement; returns (session id, account id) pairs
     actually revoked now (sessions already revoked are not counted twice) and the cutoff time."""
@@ -187,6 +188,9 @@ async def revoke_sessions(
         conditions.append(f"id <> ${len(args)}")
     if len(conditions) == 2:
         raise ValueError("refusing to revoke without a selector")
+    if issued_before is not None:
+        args.append(issued_before)
+        conditions.append(f"created_at <= ${len(args)}")
     rows = await conn.fetch(
         f"UPDATE sessions s SET revoked_at = now(), revoked_reason = $1 WHERE {' AND '.join(conditions)}"
         " RETURNING id, account_id, revoked_at",
@@ -309,23 +313,48 @@ async def record_holder(conn: asyncpg.Connection | asyncpg.Pool, holder_id: str)
     )
 
 
-async def insert_ack(conn: asyncpg.Connection, revocation_id: UUID, holder_id: str, applied_at: datetime) -> None:
+async def insert_ack(conn: asyncpg.Connection, revocation_id: UUID, holder_id: str, applied_at: datetime,
+                     instance_id: str = "") -> None:
     await conn.execute(
-        "INSERT INTO revocation_acks (revocation_id, holder_id, applied_at) VALUES ($1, $2, $3)"
+        "INSERT INTO revocation_acks (revocation_id, holder_id, instance_id, applied_at) VALUES ($1, $2, $3, $4)"
         " ON CONFLICT DO NOTHING",
         revocation_id,
         holder_id,
+        instance_id,
         applied_at,
+    )
+    # Seen-times are kept to the second's use: refreshed at most every 10 s per instance.
+    await conn.execute(
+        "INSERT INTO holder_instances (holder_id, instance_id) VALUES ($1, $2)"
+        " ON CONFLICT (holder_id, instance_id) DO UPDATE SET last_seen_at = now()"
+        " WHERE holder_instances.last_seen_at < now() - interval '10 seconds'",
+        holder_id,
+        instance_id,
     )
     await record_holder(conn, holder_id)
 
 
 async def revocation_acks(conn: asyncpg.Connection | asyncpg.Pool, revocation_id: UUID) -> list[asyncpg.Record]:
     rows: list[asyncpg.Record] = await conn.fetch(
-        "SELECT holder_id, applied_at, received_at FROM revocation_acks WHERE revocation_id = $1 ORDER BY applied_at",
+        "SELECT holder_id, instance_id, applied_at, received_at FROM revocation_acks WHERE revocation_id = $1"
+        " ORDER BY applied_at",
         revocation_id,
     )
     return rows
+
+
+async def expected_instances(conn: asyncpg.Connection | asyncpg.Pool, since: datetime) -> dict[str, set[str]]:
+    """Per holder, the instances alive across ``since``: first acknowledged before it and last at or
+    after it (minus the 10 s granularity of last_seen_at)."""
+    rows = await conn.fetch(
+        "SELECT holder_id, instance_id FROM holder_instances"
+        " WHERE first_seen_at < $1 AND last_seen_at >= $1 - interval '10 seconds'",
+        since,
+    )
+    out: dict[str, set[str]] = {}
+    for r in rows:
+        out.setdefault(r["holder_id"], set()).add(r["instance_id"])
+    return out
 
 
 async def acked_holders(conn: asyncpg.Connection | asyncpg.Pool, revocation_id: UUID) -> set[str]:
@@ -338,23 +367,40 @@ async def holder_ids(conn: asyncpg.Connection | asyncpg.Pool) -> list[str]:
 
 
 async def incident_revocations(conn: asyncpg.Connection | asyncpg.Pool, incident_id: str) -> dict[str, Any]:
-    """Revocations of an incident and, per holder, how many it acknowledged and how fast."""
+    """Revocations of an incident and, per holder and per instance, how many it acknowledged and how fast."""
     totals = await conn.fetchrow(
-        "SELECT count(*) AS events, coalesce(sum(revoked), 0) AS revoked FROM revocations WHERE incident_id = $1",
+        "SELECT count(*) AS events, coalesce(sum(revoked), 0) AS revoked, min(created_at) AS first"
+        " FROM revocations WHERE incident_id = $1",
         incident_id,
     )
-    holders = await conn.fetch(
-        "SELECT a.holder_id, count(*) AS applied,"
+    rows = await conn.fetch(
+        "SELECT a.holder_id, a.instance_id, count(*) AS applied,"
         " percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM a.applied_at - r.created_at)) AS p99"
         " FROM revocation_acks a JOIN revocations r ON r.id = a.revocation_id WHERE r.incident_id = $1"
-        " GROUP BY a.holder_id ORDER BY a.holder_id",
+        " GROUP BY a.holder_id, a.instance_id ORDER BY a.holder_id, a.instance_id",
         incident_id,
     )
+    holders: dict[str, dict[str, Any]] = {}
+    instances: dict[str, dict[str, dict[str, Any]]] = {}
+    for h in rows:
+        agg = holders.setdefault(h["holder_id"], {"applied": 0, "p99_seconds": 0.0})
+        # A holder has applied a revocation when every instance has: report its slowest instance.
+        done = int(h["applied"])
+        agg["applied"] = done if h["holder_id"] not in instances else min(agg["applied"], done)
+        agg["p99_seconds"] = max(agg["p99_seconds"], float(h["p99"] or 0))
+        instances.setdefault(h["holder_id"], {})[h["instance_id"]] = {"applied": done,
+                                                                       "p99_seconds": float(h["p99"] or 0)}
+    if totals["first"] is not None:
+        for holder, alive in (await expected_instances(conn, totals["first"])).items():
+            for inst in alive:
+                if inst not in instances.setdefault(holder, {}):
+                    instances[holder][inst] = {"applied": 0, "p99_seconds": 0.0}
+                    holders.setdefault(holder, {"applied": 0, "p99_seconds": 0.0})["applied"] = 0
     return {
         "events": int(totals["events"]),
         "revoked": int(totals["revoked"]),
-        "holders": {h["holder_id"]: {"applied": int(h["applied"]), "p99_seconds": float(h["p99"] or 0)}
-                    for h in holders},
+        "holders": holders,
+        "instances": instances,
         "known_holders": await holder_ids(conn),
     }
 

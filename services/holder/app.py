@@ -29,6 +29,7 @@ class HolderSettings(BaseSettings):
     holder_credential: SecretStr | None = None
     holder_secret: SecretStr | None = None
     cache_ttl: float = 30.0
+    instance_id: str | None = None  # default: POD_NAME, else <hostname>-<pid> (see shared.holder)
 
     def credential(self) -> str:
         if self.holder_credential is not None:
@@ -80,12 +81,13 @@ def create_app(settings: HolderSettings) -> web.Application:
             bootstrap=settings.kafka_bootstrap_servers,
             topic_prefix=settings.topic_prefix,
             cache_ttl=settings.cache_ttl,
+            instance=settings.instance_id,
         )
         await kit.start()
         app[HOLDER] = kit
 
         async def assigned() -> bool:
-            return kit.healthy
+            return kit.assigned.is_set()
 
         app[READY_CHECKS].append(("revocations", assigned))
         yield

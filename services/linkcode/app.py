@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from aiohttp import web
@@ -12,8 +12,20 @@ from services.linkcode import routes, store
 from services.linkcode.service import LinkCodes
 from services.linkcode.settings import Settings
 from shared import cors, throttle
-from shared.app import POOL, SettingsOf, base_app, periodic_ctx, pool_ctx, producer_ctx, relay_ctx
-from shared.events import LINKCODE_EVENTS, SessionsRevoked
+from shared.app import (
+    POOL,
+    PRODUCER,
+    SETTINGS,
+    SettingsOf,
+    base_app,
+    consumer_ctx,
+    periodic_ctx,
+    pool_ctx,
+    producer_ctx,
+    relay_ctx,
+)
+from shared.consumer import ConsumerRunner
+from shared.events import LINKCODE_EVENTS, SESSIONS_REVOKED, Envelope, SessionsRevoked, decode_data
 from shared.holder import HOLDER, holder_ctx_factory
 from shared.internal import InternalClient
 
@@ -35,8 +47,21 @@ async def linkcodes_ctx(app: web.Application) -> AsyncIterator[None]:
     await auth.close()
 
 
-def revocation_callback(app: web.Application) -> Callable[[SessionsRevoked], Awaitable[None]]:
-    return app[routes.LINKCODES].on_revocation
+def revocation_consumer(app: web.Application) -> ConsumerRunner:
+    """Linked-but-uncollected tokens live in the database, so their erasure is applied once per
+    revocation by the replicas' shared group (``linkcode.revocations``, idempotent by event id); the
+    holder kit in each replica only keeps its cache honest."""
+    s = app[SETTINGS]
+    linkcodes = app[routes.LINKCODES]
+
+    async def handle(conn: object, env: Envelope) -> None:
+        await linkcodes.on_revocation(decode_data(env, SessionsRevoked), conn)
+
+    return ConsumerRunner(
+        bootstrap=s.kafka_bootstrap_servers, group=s.group("linkcode.revocations"),
+        topics=[s.topic(SESSIONS_REVOKED)], handler=handle, producer=app[PRODUCER], pool=app[POOL],
+        types=[SessionsRevoked.TYPE],
+    )
 
 
 async def kit_ready_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -58,7 +83,8 @@ def create_app(settings: Settings) -> web.Application:
         producer_ctx,
         relay_ctx,
         linkcodes_ctx,
-        holder_ctx_factory("linkcode", revocation_callback),  # type: ignore[list-item]
+        consumer_ctx(revocation_consumer),
+        holder_ctx_factory("linkcode"),  # type: ignore[list-item]
         kit_ready_ctx,
         periodic_ctx("linkcode-cleanup", lambda app: _settings(app).cleanup_interval, cleanup),
     ])

@@ -365,8 +365,9 @@ class LinkCodes:
 
     # ------------------------------------------------------------------ revocations (holder role)
 
-    async def on_revocation(self, rev: SessionsRevoked) -> None:
+    async def on_revocation(self, rev: SessionsRevoked, conn: Any) -> None:
+        """Erase the uncollected tokens a revocation covers (run once per revocation by the
+        ``linkcode.revocations`` group, inside its processed-events transaction)."""
         sessions = [uuid.UUID(s) for s in rev.session_ids]
         accounts = [uuid.UUID(a) for a in (rev.account_ids or ([rev.account_id] if rev.all_sessions else []))]
-        async with self.pool.acquire() as conn:
-            await store.erase_revoked(conn, sessions, accounts, parse_time(rev.cutoff))
+        await store.erase_revoked(conn, sessions, accounts, parse_time(rev.cutoff))

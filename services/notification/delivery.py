@@ -74,25 +74,55 @@ class SmtpConfig:
         )
 
 
-class TokenBucket:
-    """At most ``rate`` acquisitions per second, smoothed (bursts of up to one second's worth)."""
+class SharedRate:
+    """At most ``rate`` sends per second across every replica: each replica takes a small share of
+    the current second's budget from ``send_budget`` (one upsert per share, on the database clock)
+    and spends it locally within that second; a full budget waits for the next second. A bucket in
+    each process's memory would let N replicas send N times ``SMTP_RATE``."""
 
-    def __init__(self, rate: float) -> None:
-        self.rate = rate
-        self.tokens = rate
-        self.updated = time.monotonic()
+    def __init__(self, pool: asyncpg.Pool, rate: float) -> None:
+        self.pool = pool
+        self.rate = max(1, int(rate))
+        self.share = max(1, self.rate // 10)
+        self.second = -1
+        self.tokens = 0
         self.lock = asyncio.Lock()
+        self.purged = 0.0
+
+    async def _take(self) -> tuple[int, int, float]:
+        """(second, tokens granted, seconds left in that second)."""
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(
+                "WITH s AS (SELECT floor(extract(epoch FROM clock_timestamp()))::bigint AS second,"
+                "                  extract(epoch FROM clock_timestamp()) AS t)"
+                " , grant_ AS ("
+                "   INSERT INTO send_budget AS b (second, used, last_grant) SELECT second, least($1::int, $2::int),"
+                "   least($1::int, $2::int) FROM s"
+                "   ON CONFLICT (second) DO UPDATE SET used = b.used + least($1::int, $2::int - b.used),"
+                "   last_grant = least($1::int, $2::int - b.used)"
+                "   WHERE b.used < $2::int RETURNING b.last_grant)"
+                " SELECT s.second, s.t, (SELECT last_grant FROM grant_) AS granted FROM s",
+                self.share, self.rate,
+            )
+            if time.monotonic() - self.purged > 60:
+                self.purged = time.monotonic()
+                await conn.execute("DELETE FROM send_budget WHERE second < $1", int(row["second"]) - 60)
+        second, t = int(row["second"]), float(row["t"])
+        return second, int(row["granted"] or 0), max(0.0, second + 1 - t)
 
     async def acquire(self) -> None:
         async with self.lock:
             while True:
-                now = time.monotonic()
-                self.tokens = min(self.rate, self.tokens + (now - self.updated) * self.rate)
-                self.updated = now
-                if self.tokens >= 1:
+                # Tokens are spent in the second they were granted for (the hosts' clocks are assumed
+                # NTP-close to the database's; a skew only shifts when a share expires).
+                if self.tokens > 0 and self.second == int(time.time()):
                     self.tokens -= 1
                     return
-                await asyncio.sleep((1 - self.tokens) / self.rate)
+                second, granted, left = await self._take()
+                if granted > 0:
+                    self.second, self.tokens = second, granted - 1
+                    return
+                await asyncio.sleep(left + 0.001)
 
 
 class Sender:
@@ -104,7 +134,7 @@ class Sender:
         self.dead_letter_topic = dead_letter_topic
         self.renderer = Renderer(settings)
         self.smtp = SmtpConfig.parse(settings.smtp_url.get_secret_value())
-        self.bucket = TokenBucket(settings.smtp_rate)
+        self.bucket = SharedRate(pool, settings.smtp_rate)
         self.wake = asyncio.Event()
         self.space = asyncio.Event()  # a worker took a message: the claimer may claim again
         self.queue: asyncio.Queue[store.Delivery] = asyncio.Queue(maxsize=settings.smtp_concurrency)

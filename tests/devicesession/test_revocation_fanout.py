@@ -49,7 +49,10 @@ async def library_status(port: int, token: str) -> int:
 
 
 def holder_ports(stack: Stack) -> list[int]:
-    return [stack.ports[f"holder:{h}"] for h in TEST_HOLDERS]
+    """Every instance of every sample holder (two each)."""
+    ports = stack.holder_ports()
+    assert len(ports) == len(TEST_HOLDERS) * stack.holder_instances >= 2 * len(TEST_HOLDERS)
+    return ports
 
 
 async def publish_password_changed(stack: Stack, account_id: str, *, revoke: bool, keep: str | None = None,
@@ -308,6 +311,8 @@ async def test_hearth_fanout_shows_each_holder_applying_and_a_summary(stack: Sta
     out, err = await asyncio.to_thread(proc.communicate, timeout=30)
     assert proc.returncode == 0, err
     for holder in TEST_HOLDERS:
-        assert f"applied by {holder} in" in out, out
-        assert re.search(rf"^{holder}\s+1\s", out, re.M), out
-    assert re.search(r"all \d+ holders applied", out), out
+        for key in stack.holder_keys(holder):
+            inst = stack.instance_id(key)
+            assert f"applied by {holder}/{inst} in" in out, out
+            assert re.search(rf"^{holder}/{inst}\s+1\s", out, re.M), out
+    assert re.search(r"all \d+ holders applied on all \d+ instances", out), out
