@@ -94,6 +94,9 @@ APPLY_LATENCY = Histogram(
 CACHE_SIZE = Gauge("hearth_holder_cache_entries", "Cached tokens", _L)
 
 
+INSTANCE_HEADER = "X-Hearth-Instance"
+
+
 def instance_id() -> str:
     """This process's instance id: INSTANCE_ID, else POD_NAME, else <hostname>-<pid>."""
     for var in ("INSTANCE_ID", "POD_NAME"):
@@ -259,7 +262,10 @@ class HolderKit:
         when it cannot answer: a holder never guesses about a token."""
         assert self._session is not None, "HolderKit.start() was not called"
         try:
-            async with self._session.post(self.introspect_url, data={"token": token}, auth=self.auth) as resp:
+            # The instance header tells devicesession which instance may now cache this answer, so a
+            # sign-out can wait for exactly the instances that could still accept the token.
+            async with self._session.post(self.introspect_url, data={"token": token}, auth=self.auth,
+                                          headers={INSTANCE_HEADER: self.instance_id}) as resp:
                 if resp.status != 200:
                     log.warning("introspection failed", extra={"holder": self.holder_id, "status": resp.status})
                     raise IntrospectionUnavailable()

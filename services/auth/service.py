@@ -33,7 +33,7 @@ from services.auth.errors import (
     WeakPassword,
 )
 from services.auth.settings import Settings
-from shared import outbox, throttle, tokens
+from shared import logs, outbox, throttle, tokens
 from shared.crypto import Sealer
 from shared.events import (
     AccountCreated,
@@ -264,6 +264,9 @@ class Auth:
 
     async def reset_password(self, reset_token: str | None, password: str | None, sign_out: bool) -> str:
         """Redeem a reset token; returns the password.changed event id."""
+        done = await self._already_changed(None)
+        if done is not None:
+            return done
         if not reset_token or len(reset_token) > 256:
             raise InvalidResetToken()
         token_hmac = tokens.digest(self.key, reset_token, purpose="reset")
@@ -283,6 +286,9 @@ class Auth:
 
     async def change_password(self, account_id: uuid.UUID, session_id: str, current: str | None,
                               password: str | None, sign_out: bool, address: str) -> str:
+        done = await self._already_changed(account_id)
+        if done is not None:
+            return done
         account = await store.find_by_id(self.pool, account_id)
         if account is None:
             raise BadCredentials()
@@ -308,7 +314,22 @@ class Auth:
             producer=PRODUCER, key=str(account.id),
         )
         await outbox.add(conn, self.topics.auth_events, env)
+        rid = logs.request_id.get()
+        if rid:
+            await store.insert_change_request(conn, rid, account.id, env.id)
         return str(env.id)
+
+    async def _already_changed(self, account_id: uuid.UUID | None) -> str | None:
+        """The event id of the change this very request made already (the edge re-sent it after the
+        replica that committed it died), or None. Request ids come from the edge, not the client; a
+        signed-in change also has to be the same account's."""
+        rid = logs.request_id.get()
+        if not rid:
+            return None
+        done = await store.find_change_request(self.pool, rid)
+        if done is None or (account_id is not None and done[0] != account_id):
+            return None
+        return str(done[1])
 
     # ------------------------------------------------------------------ reset required
 

@@ -141,3 +141,17 @@ async def consume_reset_token(conn: asyncpg.Connection, token_hmac: bytes) -> UU
 
 async def purge_expired(conn: asyncpg.Connection | asyncpg.Pool) -> None:
     await conn.execute("DELETE FROM reset_tokens WHERE expires_at < now() - interval '7 days'")
+    await conn.execute("DELETE FROM password_change_requests WHERE created_at < now() - interval '1 day'")
+
+
+async def insert_change_request(conn: asyncpg.Connection, request_id: str, account_id: UUID, event_id: UUID) -> None:
+    await conn.execute("INSERT INTO password_change_requests (request_id, account_id, event_id) VALUES ($1, $2, $3)",
+                       request_id, account_id, event_id)
+
+
+async def find_change_request(conn: asyncpg.Connection | asyncpg.Pool, request_id: str
+                              ) -> tuple[UUID, UUID] | None:
+    """(account id, event id) of the password change this request already made, if any."""
+    row = await conn.fetchrow("SELECT account_id, event_id FROM password_change_requests WHERE request_id = $1",
+                              request_id)
+    return (row["account_id"], row["event_id"]) if row else None

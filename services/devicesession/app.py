@@ -44,6 +44,7 @@ async def topics_ctx(app: web.Application) -> AsyncIterator[None]:
     app[routes.TOPICS] = Topics(sessions_revoked=s.topic(SESSIONS_REVOKED), events=s.topic(DEVICESESSION_EVENTS))
     app[routes.TOUCHES] = {}
     app[routes.HOLDERS_SEEN] = set()
+    app[routes.INSTANCES_RECORDED] = {}
     yield
 
 

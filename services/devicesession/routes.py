@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import logging
+import re
+import time
 import uuid
 from datetime import UTC, datetime
 
@@ -148,7 +150,8 @@ async def revoke_sessions(request: web.Request) -> web.Response:
 
 async def _await_applied(request: web.Request, revocation_id: str | None) -> list[str]:
     s = _settings(request)
-    return await service.await_applied(request.app[POOL], revocation_id, s.wait_holders(), s.applied_wait)
+    return await service.await_applied(request.app[POOL], revocation_id, s.wait_holders(), s.applied_wait,
+                                       s.applied_wait_window)
 
 
 async def list_account_devices(request: web.Request) -> web.Response:
@@ -245,6 +248,7 @@ async def introspect(request: web.Request) -> web.Response:
     if holder not in seen:
         seen.add(holder)
         await store.record_holder(request.app[POOL], holder)
+    await _record_instance(request, holder)
     return web.json_response({
         "active": True, "sub": str(info.account_id), "account_id": str(info.account_id),
         "session_id": str(info.session_id), "device_id": info.device_id, "client_id": info.client_identifier,
@@ -255,6 +259,26 @@ async def introspect(request: web.Request) -> web.Response:
 
 # Per-process by design: only saves re-recording a holder this replica already recorded.
 HOLDERS_SEEN = web.AppKey("holders_seen", set)
+# Per-process by design too: when this replica last recorded each instance's introspection. Each
+# replica records an instance at most every INSTANCE_RECORD_EVERY seconds, so the table is at most
+# that stale, which the wait window (APPLIED_WAIT_WINDOW) allows for.
+INSTANCES_RECORDED = web.AppKey("instances_recorded", dict)
+INSTANCE_RECORD_EVERY = 5.0
+_INSTANCE = re.compile(r"[A-Za-z0-9._:@-]{1,200}")
+
+
+async def _record_instance(request: web.Request, holder: str) -> None:
+    instance = request.headers.get("X-Hearth-Instance", "")
+    if not _INSTANCE.fullmatch(instance):
+        return
+    recorded: dict[tuple[str, str], float] = request.app[INSTANCES_RECORDED]
+    now = time.monotonic()
+    if now - recorded.get((holder, instance), float("-inf")) < INSTANCE_RECORD_EVERY:
+        return
+    recorded[(holder, instance)] = now
+    if len(recorded) > 10_000:
+        recorded.clear()
+    await store.record_introspection(request.app[POOL], holder, instance)
 
 
 def _holder(request: web.Request, s: Settings) -> str:

@@ -276,25 +276,27 @@ async def remove_device(conn: asyncpg.Connection, topics: Topics, account_id: uu
 
 
 async def await_applied(pool: asyncpg.Pool, revocation_id: str | None, holders: frozenset[str],
-                        wait_for: float) -> list[str]:
-    """Wait until each of ``holders`` that has ever held a session here (it is in ``holders``: it
-    introspected or acknowledged before) has acknowledged ``revocation_id``, at most ``wait_for``
-    seconds. Returns the holders still missing (empty: every one applied it).
+                        wait_for: float, window: float) -> list[str]:
+    """Wait until every instance of ``holders`` that may hold the revoked tokens in its cache (it
+    asked about an active token within ``window`` seconds, its cache lifetime) has acknowledged
+    ``revocation_id``, at most ``wait_for`` seconds. Returns the ``holder/instance`` pairs still
+    missing (empty: every one applied it).
 
     This is what makes a sign-out read-your-writes: the caller answers "signed out" only once no
-    Hearth service still has the token in its cache. The wait polls the database, not this
-    process's memory, because the acknowledgement may be consumed by another replica."""
+    instance of a Hearth service still has the token in its cache. It polls the database, not this
+    process's memory: the acknowledgement may be consumed by another replica. An instance that died
+    after introspecting costs a sign-out at most ``wait_for`` until ``window`` has passed."""
     if revocation_id is None or not holders or wait_for <= 0:
         return []
     rid = uuid.UUID(revocation_id)
-    expected = holders & set(await store.holder_ids(pool))
+    expected = await store.caching_instances(pool, sorted(holders), window)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_for
     delay = 0.002
     while expected:
-        expected -= await store.acked_holders(pool, rid)
+        expected -= await store.acked_instances(pool, rid)
         if not expected or loop.time() >= deadline:
             break
         await asyncio.sleep(delay)
         delay = min(delay * 1.5, 0.025)
-    return sorted(expected)
+    return sorted(f"{h}/{i}" for h, i in expected)

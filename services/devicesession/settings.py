@@ -12,10 +12,13 @@ class Settings(CommonSettings):
     # How often batched last-used / last-seen times are written (introspection never writes inline).
     touch_interval: float = 30.0
     # Read-your-writes for sign-outs: a sign-out, device removal or "sign out others" answers only once
-    # these holders (Hearth's own services that cache sessions) have applied the revocation, or after
-    # applied_wait seconds at most. Holders that never validated a token hold nothing to wait for.
+    # every instance of these holders (Hearth's own services that cache sessions) that may hold a
+    # cached token has applied the revocation, or after applied_wait seconds at most.
     applied_wait: float = 2.0
     applied_wait_holders: str = "auth,linkcode,web"
+    # How long a holder instance may answer from its cache after it last asked about an active
+    # token: the kit's CACHE_TTL plus the granularity of recording introspections.
+    applied_wait_window: float = 45.0
 
     def wait_holders(self) -> frozenset[str]:
         return frozenset(h.strip() for h in self.applied_wait_holders.split(",") if h.strip())

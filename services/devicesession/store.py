@@ -357,9 +357,31 @@ async def expected_instances(conn: asyncpg.Connection | asyncpg.Pool, since: dat
     return out
 
 
-async def acked_holders(conn: asyncpg.Connection | asyncpg.Pool, revocation_id: UUID) -> set[str]:
-    rows = await conn.fetch("SELECT DISTINCT holder_id FROM revocation_acks WHERE revocation_id = $1", revocation_id)
-    return {r["holder_id"] for r in rows}
+async def record_introspection(conn: asyncpg.Connection | asyncpg.Pool, holder_id: str, instance: str) -> None:
+    await conn.execute(
+        "INSERT INTO holder_instances AS h (holder_id, instance_id, last_introspected_at) VALUES ($1, $2, now())"
+        " ON CONFLICT (holder_id, instance_id) DO UPDATE SET last_introspected_at = now(),"
+        " last_seen_at = greatest(h.last_seen_at, now())",
+        holder_id, instance,
+    )
+
+
+async def caching_instances(conn: asyncpg.Connection | asyncpg.Pool, holders: list[str], window: float
+                            ) -> set[tuple[str, str]]:
+    """(holder, instance) pairs of these holders that asked about an active token within ``window``
+    seconds: the instances whose caches may still hold a token revoked now."""
+    rows = await conn.fetch(
+        "SELECT holder_id, instance_id FROM holder_instances WHERE holder_id = ANY($1::text[])"
+        " AND last_introspected_at >= now() - make_interval(secs => $2)",
+        holders, window,
+    )
+    return {(r["holder_id"], r["instance_id"]) for r in rows}
+
+
+async def acked_instances(conn: asyncpg.Connection | asyncpg.Pool, revocation_id: UUID) -> set[tuple[str, str]]:
+    rows = await conn.fetch("SELECT holder_id, instance_id FROM revocation_acks WHERE revocation_id = $1",
+                            revocation_id)
+    return {(r["holder_id"], r["instance_id"]) for r in rows}
 
 
 async def holder_ids(conn: asyncpg.Connection | asyncpg.Pool) -> list[str]:

@@ -307,3 +307,31 @@ async def test_malformed_missing_oversized_and_hostile_input_get_4xx(stack: Stac
             assert r.status == 401
             root = ET.fromstring(await r.read())
             assert root.tag == "errors" and root[0].attrib["code"] == "1001"
+
+
+async def test_a_password_change_re_sent_with_the_same_request_id_gets_the_first_answer(stack: Stack) -> None:
+    """What nginx does when the replica that committed a change died before answering: the same
+    request (same X-Request-Id) arrives again. It gets the first answer, and nothing changes twice."""
+    a = await sign_up(stack)
+    _, me, _ = await sign_in(stack, a["username"], client="me")
+    rid = uuid.uuid4().hex
+    headers = {"X-Plex-Token": me["authToken"], "X-Plex-Client-Identifier": "me", "X-Request-Id": rid}
+    data = {"currentPassword": PASSWORD, "password": "a brand new passphrase", "signOutDevices": "1"}
+    answers = []
+    async with aiohttp.ClientSession() as http:
+        for _ in range(2):
+            async with http.put(stack.url("auth") + "/api/v2/user/password", headers=headers, data=data) as r:
+                answers.append((r.status, r.headers.get("X-Hearth-Event-Id")))
+        # Another request (another id) with the old current password is a wrong password again.
+        async with http.put(stack.url("auth") + "/api/v2/user/password",
+                            headers={**headers, "X-Request-Id": uuid.uuid4().hex, "Accept": "application/json"},
+                            data=data) as r:
+            assert r.status == 401
+    assert answers[0][0] == answers[1][0] == 204 and answers[0][1] == answers[1][1], answers
+    conn = await auth_db(stack)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM password_change_requests WHERE request_id = $1", rid) == 1
+    finally:
+        await conn.close()
+    status, _, _ = await sign_in(stack, a["username"], "a brand new passphrase")
+    assert status == 201

@@ -125,8 +125,8 @@ async def change_password(edge: Edge, a: Account, changes: list[Change]) -> None
         changes.append(Change(headers["X-Hearth-Event-Id"], [tv], time.time()))
     elif status in (0, 401, 502, 503, 504):
         # The outcome is unknown (the answer was lost): find out which password holds now. A 401 here
-        # is nginx re-sending the PUT (idempotent by HTTP, so nginx retries it) to the other replica
-        # after the first committed the change and died before answering: counted as a client error.
+        # would be nginx's re-sent PUT answered as a new change after the first replica committed it
+        # and died; auth recognises the re-sent request by its request id, so it is an error.
         if status == 401:
             edge.errors.append("PUT /api/v2/user/password -> 401 (re-sent by nginx after a replica died)")
         if await sign_in(edge, Account(a.username, new), "probe"):  # noqa: SIM102

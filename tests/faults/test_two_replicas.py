@@ -75,3 +75,32 @@ async def test_claim_token_is_exchanged_once_across_replicas(cluster: Stack) -> 
                                                    client=f"srv-{i}") for i in range(6)))
     statuses = sorted(s for s, _, _ in answers)
     assert statuses.count(200) == 1 and all(s == 400 for s in statuses if s != 200), statuses
+
+
+async def test_sign_out_is_refused_at_once_by_every_replica(cluster: Stack) -> None:
+    """Read-your-writes with replicas: the sign-out answers only once every instance of auth,
+    linkcode and web that may have the token cached has applied the revocation."""
+    for service in ("auth", "linkcode"):
+        await served_by_both(cluster, service)
+    routes = {"auth": "/api/v2/user", "linkcode": "/api/claim/token.json"}
+    async with aiohttp.ClientSession() as http:
+        edge = Edge(cluster, http)
+        a = await sign_up(edge)
+
+        async def statuses(token: str) -> dict[str, int]:
+            out = {}
+            for service, path in routes.items():
+                for key in cluster.replica_keys(service):
+                    async with http.get(f"http://127.0.0.1:{cluster.ports[key]}{path}",
+                                        headers={"X-Plex-Token": token, "X-Plex-Client-Identifier": "c",
+                                                 "Accept": "application/json"}) as r:
+                        out[key] = r.status
+            return out
+
+        for trial in range(3):
+            token = await sign_in(edge, a, f"device-{trial}")
+            assert token
+            assert set((await statuses(token)).values()) == {200}  # cached on every replica now
+            status, _, _ = await edge.call("DELETE", "/api/v2/users/signout", client=f"device-{trial}", token=token)
+            assert status == 204
+            assert set((await statuses(token)).values()) == {401}, await statuses(token)
