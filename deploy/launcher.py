@@ -490,6 +490,117 @@ def load_or_create_secrets(path: Path) -> dict[str, str]:
     return values
 
 
+# ---------------------------------------------------------------------------------------------
+# TLS for the Plex host names (issue 18): a local CA under <run dir>/tls/ and the edge's certificate
+# ---------------------------------------------------------------------------------------------
+
+PLEX_HOST_NAMES = ("plex.tv", "app.plex.tv", "clients.plex.tv", "www.plex.tv")
+_EDGE_NAMES = (*PLEX_HOST_NAMES, "localhost")
+
+
+@dataclass(frozen=True)
+class EdgeTls:
+    cert: Path  # the edge's certificate chain (PEM)
+    key: Path
+    ca: Path | None  # the local CA apps must trust; None with a certificate of your own
+
+
+def ensure_tls(tls_dir: Path) -> EdgeTls:
+    """The edge's certificate for plex.tv, app.plex.tv, clients.plex.tv (and www.plex.tv, localhost,
+    127.0.0.1). With ``TLS_CERT_FILE`` and ``TLS_KEY_FILE`` set, those (your own, e.g. from your CA or
+    ACME for your names) are used as they are. Otherwise a local certificate authority is created
+    once in ``tls_dir`` (``ca.pem``, its key ``ca.key`` readable only by you) with the
+    ``cryptography`` package, and ``edge.pem``/``edge.key`` are issued from it, again whenever they
+    are missing, expire within 30 days, or were issued by another CA."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    own_cert, own_key = os.environ.get("TLS_CERT_FILE", ""), os.environ.get("TLS_KEY_FILE", "")
+    if own_cert or own_key:
+        if not (own_cert and own_key and Path(own_cert).is_file() and Path(own_key).is_file()):
+            raise LaunchError("set both TLS_CERT_FILE and TLS_KEY_FILE to readable PEM files")
+        return EdgeTls(Path(own_cert).resolve(), Path(own_key).resolve(), None)
+
+    tls_dir.mkdir(parents=True, exist_ok=True)
+    ca_pem, ca_key_path = tls_dir / "ca.pem", tls_dir / "ca.key"
+    edge_pem, edge_key_path = tls_dir / "edge.pem", tls_dir / "edge.key"
+    now = dt.datetime.now(dt.UTC)
+
+    def write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+        path.touch(mode=0o600, exist_ok=True)
+        path.chmod(0o600)
+        path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+
+    if ca_pem.exists() and ca_key_path.exists():
+        ca_cert = x509.load_pem_x509_certificate(ca_pem.read_bytes())
+        loaded = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
+        assert isinstance(loaded, ec.EllipticCurvePrivateKey)
+        ca_key = loaded
+    else:
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Hearth local development"),
+                          x509.NameAttribute(NameOID.COMMON_NAME, f"Hearth local CA {secrets.token_hex(4)}")])
+        ca_cert = (
+            x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(ca_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=3650))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                         content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                         key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+        write_key(ca_key_path, ca_key)
+        ca_pem.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+        edge_pem.unlink(missing_ok=True)
+
+    def edge_is_current() -> bool:
+        if not (edge_pem.exists() and edge_key_path.exists()):
+            return False
+        cert = x509.load_pem_x509_certificate(edge_pem.read_bytes())
+        try:
+            names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except x509.ExtensionNotFound:
+            return False
+        return (cert.issuer == ca_cert.subject and cert.not_valid_after_utc > now + dt.timedelta(days=30)
+                and set(names.get_values_for_type(x509.DNSName)) == set(_EDGE_NAMES))
+
+    if not edge_is_current():
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "plex.tv")]))
+            .issuer_name(ca_cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=397))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName(n) for n in _EDGE_NAMES] + [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+        write_key(edge_key_path, key)
+        edge_pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM)
+                             + ca_cert.public_bytes(serialization.Encoding.PEM))
+    return EdgeTls(edge_pem, edge_key_path, ca_pem)
+
+
+def tls_listen_conf(tls: EdgeTls, listen: str, port: int) -> str:
+    """What the edge's server block includes to answer HTTPS too (deploy/nginx/hearth.conf.template)."""
+    return (f"listen {listen}:{port} ssl;\n"
+            f"ssl_certificate {tls.cert};\n"
+            f"ssl_certificate_key {tls.key};\n"
+            "ssl_protocols TLSv1.2 TLSv1.3;\n"
+            "ssl_session_cache shared:hearth_tls:1m;\n")
+
 TOPOLOGIES = ("single", "cluster")
 
 
@@ -558,6 +669,9 @@ class Stack:
                 defaults[replica_key(f"holder:{h}", i)] = 8201 + n + 50 * (i - 1)
         for name, port in defaults.items():
             self.ports[name] = port if self.fixed_ports else free_port()
+        https = os.environ.get("HTTPS_PORT", "8443")  # "0": no HTTPS listener
+        if https != "0":
+            self.ports["https"] = int(https) if self.fixed_ports else free_port()
 
     @property
     def clustered(self) -> bool:
@@ -566,6 +680,15 @@ class Stack:
     @property
     def edge_url(self) -> str:
         return f"http://{self.public_host}:{self.ports['edge']}"
+
+    @property
+    def https_port(self) -> int | None:
+        return self.ports.get("https")
+
+    @property
+    def tls_ca(self) -> Path:
+        """The local CA's certificate that apps pointed at this edge trust (``ca.pem``)."""
+        return self.run_dir / "tls" / "ca.pem"
 
     @property
     def mail_dir(self) -> Path:
@@ -773,6 +896,10 @@ class Stack:
                                edge_listen="127.0.0.1",
                                **{f"{s}_port": self.ports[s] for s in SERVICES},
                                **{f"{s}_host": "127.0.0.1" for s in SERVICES}))
+        tls_conf = prefix / "tls-listen.conf"
+        tls_conf.unlink(missing_ok=True)
+        if self.https_port:
+            tls_conf.write_text(tls_listen_conf(ensure_tls(self.run_dir / "tls"), "127.0.0.1", self.https_port))
         user_line = "user root root;\n" if os.geteuid() == 0 else ""
         conf.write_text(user_line + conf.read_text())
         child = spawn("nginx", [nginx, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log"),
@@ -780,6 +907,8 @@ class Stack:
         child.stop_signal = signal.SIGQUIT
         self.children.append(child)
         wait_port(self.ports["edge"], 30, "nginx", child.proc)
+        if self.https_port:
+            wait_port(self.https_port, 30, "nginx (HTTPS)", child.proc)
 
     def start(self) -> None:
         try:
@@ -843,6 +972,9 @@ def main(argv: list[str] | None = None) -> int:
             stack.start()
             print(f"\nHearth is up: {stack.edge_url}  (mail in {stack.mail_dir}; Ctrl-C stops everything)\n",
                   flush=True)
+            if stack.https_port:
+                print(f"HTTPS for plex.tv, app.plex.tv, clients.plex.tv on port {stack.https_port}; apps trust "
+                      f"{stack.tls_ca if stack.tls_ca.exists() else 'your TLS_CERT_FILE issuer'}\n", flush=True)
         while all(c.proc.poll() is None for c in stack.children):
             time.sleep(0.5)
         dead = [c.name for c in stack.children if c.proc.poll() is not None]

@@ -66,7 +66,7 @@ def error_family(request: web.Request) -> str:
     path = request.path
     if path.startswith("/oauth/"):
         return "oauth"
-    if path.startswith(("/api/", "/devices", "/pins")) or path.endswith((".xml", ".json")):
+    if path.startswith(("/api/", "/devices", "/pins", "/users/")) or path.endswith((".xml", ".json")):
         return "plex"
     return "problem"
 

@@ -1,7 +1,10 @@
 """Plex-compatible rendering and request parsing.
 
-- XML by default (python-plexapi parses every answer as XML), JSON when ``Accept`` contains
-  ``application/json`` or the path ends in ``.json``.
+- XML by default (python-plexapi parses every answer as XML). JSON when the path ends in ``.json``;
+  under ``/api/v2/`` (and Hearth's own ``/api/claim/``) also when ``Accept`` contains
+  ``application/json``. Elsewhere (``/users/account``, ``/api/resources``, ``/api/users``,
+  ``/devices``) the path alone decides, as on plex.tv: Overseerr and go-plex-client send
+  ``Accept: application/json`` there and parse the answer as XML.
 - ``X-Plex-*`` values are read from headers, then the query string, then the form body
   (python-plexauth posts them as form fields).
 - Booleans render as ``1``/``0`` in XML; request booleans parse case-insensitively.
@@ -43,8 +46,16 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
 _FORM: web.RequestKey[MultiDictProxy[str]] = web.RequestKey("hearth_form", MultiDictProxy)
 
 
+_ACCEPT_DECIDES = ("/api/v2/", "/api/claim/")
+
+
 def wants_json(request: web.Request) -> bool:
-    return request.path.endswith(".json") or "application/json" in request.headers.get("Accept", "")
+    path = request.path
+    if path.endswith(".json"):
+        return True
+    if path.endswith(".xml") or not path.startswith(_ACCEPT_DECIDES):
+        return False
+    return "application/json" in request.headers.get("Accept", "")
 
 
 def parse_bool(value: str | None, default: bool = False) -> bool:

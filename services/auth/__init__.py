@@ -4,7 +4,9 @@ Endpoints (Plex-compatible, XML by default, JSON on request): ``POST /api/v2/use
 ``POST /api/v2/users/signin``, ``GET /api/v2/user``, ``DELETE /api/v2/users/signout``,
 ``GET /api/v2/ping``, ``GET /api/users/``, ``POST /api/v2/users/password/reset`` (always 204),
 ``PUT /api/v2/users/password`` (reset with token), ``PUT /api/v2/user/password`` (change while signed
-in). Internal: ``GET /internal/accounts/{id}``, ``GET /internal/accounts?login=``,
+in); the older routes browser sign-in apps use (``services/auth/legacy.py``): ``GET /users/account``
+(``.json``/``.xml``), ``POST /users/sign_in`` (``.json``/``.xml``), ``GET /api/users`` (always XML),
+``GET /api/servers/{id}/shared_servers``. Internal: ``GET /internal/accounts/{id}``, ``GET /internal/accounts?login=``,
 ``POST /internal/accounts/{id}/reset-required`` (docs/INTERNAL-API.md). Two-step verification and
 passkeys: ``/api/v2/user/two-factor`` (+ ``/recovery-codes``) and their internal routes (modules
 ``two_factor``, ``two_factor_routes``, ``passkeys``; README, "Two-step verification and passkeys").

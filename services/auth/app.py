@@ -13,7 +13,7 @@ from services.auth import routes, store, two_factor
 from services.auth.minting import MintBatcher
 from services.auth.service import Auth, Topics
 from services.auth.settings import Settings
-from shared import throttle
+from shared import cors, throttle
 from shared.app import POOL, SettingsOf, base_app, periodic_ctx, pool_ctx, producer_ctx, relay_ctx
 from shared.crypto import parse_keys
 from shared.events import AUTH_EVENTS
@@ -58,6 +58,7 @@ async def housekeeping(app: web.Application) -> None:
 
 def create_app(settings: Settings) -> web.Application:
     app = base_app(settings)
+    cors.install(app)  # browser apps call the Plex API from their own origin
     app.cleanup_ctx.extend([
         pool_ctx([("auth", MIGRATIONS)]),
         producer_ctx,

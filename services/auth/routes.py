@@ -161,13 +161,8 @@ async def sign_out(request: web.Request) -> web.Response:
 
 async def ping(request: web.Request) -> web.Response:
     await _principal(request)
-    return plex.respond(request, xml=plex.element("response", text="true"), json={"pong": True})
-
-
-async def home_users(request: web.Request) -> web.Response:
-    await _principal(request)
-    return plex.respond(request, xml=plex.element("MediaContainer", {"friendlyName": "myPlex", "size": 0}),
-                        json={"MediaContainer": {"size": 0, "User": []}})
+    # Tautulli looks for an element named pong; python-plexapi reads the root's text "true".
+    return plex.respond(request, xml=plex.element("pong", text="true"), json={"pong": True})
 
 
 async def request_reset(request: web.Request) -> web.Response:
@@ -293,8 +288,9 @@ def setup_routes(app: web.Application) -> None:
         r.add_post(f"/api/v2/users/password/reset{suffix}", request_reset)
         r.add_put(f"/api/v2/users/password{suffix}", reset_password)
         r.add_put(f"/api/v2/user/password{suffix}", change_password)
-    r.add_get("/api/users", home_users)
-    r.add_get("/api/users/", home_users)
+    from services.auth import legacy
+
+    legacy.setup_routes(app)  # /users/account, /users/sign_in, /api/users, /api/servers/*/shared_servers
     r.add_get("/internal/accounts", internal_find_account)
     r.add_get("/internal/accounts/{account_id}", internal_account)
     r.add_post("/internal/accounts/{account_id}/reset-required", internal_require_reset)

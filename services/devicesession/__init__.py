@@ -1,7 +1,9 @@
 """devicesession: devices, sessions and tokens, and the start of the revocation fan-out.
 
 Endpoints (public on the edge): ``GET /devices.xml`` (``.json``), ``DELETE /devices/{id}.xml``,
-``GET /api/v2/resources``, ``POST /oauth/introspect`` (RFC 7662, holder credentials).
+``PUT /devices/{clientIdentifier}`` (a server publishes its connections), ``GET /api/v2/resources``
+and ``GET /api/resources`` (``services/devicesession/resources.py``), ``POST /oauth/introspect``
+(RFC 7662, holder credentials).
 Internal (``/internal/*``, bearer INTERNAL_API_SECRET): mint a session, revoke sessions, list and
 remove an account's devices, revocation outcome by causing event, acknowledgements of a revocation
 (docs/INTERNAL-API.md).

@@ -11,7 +11,7 @@ from aiohttp import web
 from services.devicesession import events, routes, store
 from services.devicesession.service import Topics
 from services.devicesession.settings import Settings
-from shared import db
+from shared import cors, db
 from shared.app import (
     POOL,
     PRODUCER,
@@ -91,6 +91,7 @@ def ack_consumer(app: web.Application) -> ConsumerRunner:
 
 def create_app(settings: Settings) -> web.Application:
     app = base_app(settings)
+    cors.install(app)  # browser apps call the Plex API from their own origin
     app.cleanup_ctx.extend([
         pool_ctx([("devicesession", MIGRATIONS)]),
         mint_pool_ctx,

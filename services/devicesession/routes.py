@@ -352,37 +352,6 @@ async def delete_device(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-async def list_resources(request: web.Request) -> web.Response:
-    info = await _account(request)
-    devices = await store.list_devices(request.app[POOL], info.account_id)
-    now = time.time()
-    items_xml = []
-    items_json = []
-    for d in devices:
-        dev = d.device
-        provides = dev.provides or dev.kind
-        if "server" not in provides and "player" not in provides:
-            continue
-        conns = [
-            {"protocol": c.get("protocol", "http"), "address": c.get("address", ""), "port": c.get("port", 0),
-             "uri": c.get("uri", ""), "local": bool(c.get("local", True)), "relay": False, "IPv6": False}
-            for c in dev.connections
-        ]
-        attrs = {
-            "name": dev.device_name or dev.product, "product": dev.product, "productVersion": dev.version,
-            "platform": dev.platform, "platformVersion": dev.platform_version, "device": dev.device,
-            "clientIdentifier": dev.client_identifier, "createdAt": _iso(dev.created_at),
-            "lastSeenAt": _iso(dev.last_seen_at), "provides": provides, "ownerId": "", "sourceTitle": "",
-            "publicAddress": dev.public_address, "accessToken": "", "owned": True, "home": False, "synced": False,
-            "relay": False, "presence": now - dev.last_seen_at.timestamp() < 3600, "httpsRequired": False,
-            "publicAddressMatches": True, "dnsRebindingProtection": False, "natLoopbackSupported": False,
-        }
-        items_xml.append(plex.element("resource", attrs, plex.element(
-            "connections", {}, *(plex.element("connection", c) for c in conns))))
-        items_json.append({**attrs, "connections": conns})
-    return plex.respond(request, xml=plex.element("resources", {}, *items_xml), json=items_json)
-
-
 def setup_routes(app: web.Application) -> None:
     r = app.router
     r.add_post("/internal/sessions", mint_session)
@@ -401,5 +370,6 @@ def setup_routes(app: web.Application) -> None:
     r.add_delete("/devices/{device_id}.xml", delete_device)
     r.add_delete("/devices/{device_id}.json", delete_device)
     r.add_delete("/devices/{device_id}", delete_device)
-    r.add_get("/api/v2/resources", list_resources)
-    r.add_get("/api/v2/resources.json", list_resources)
+    from services.devicesession import resources
+
+    resources.setup_routes(app)  # /api/v2/resources, /api/resources, PUT /devices/{clientIdentifier}

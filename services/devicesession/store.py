@@ -425,3 +425,10 @@ async def incident_revocations(conn: asyncpg.Connection | asyncpg.Pool, incident
         "instances": instances,
         "known_holders": await holder_ids(conn),
     }
+
+
+async def set_connections(conn: asyncpg.Connection | asyncpg.Pool, device_id: int,
+                          connections: list[dict[str, Any]]) -> None:
+    """Replace the connections a device published (PUT /devices/{clientIdentifier})."""
+    await conn.execute("UPDATE devices SET connections = $2::jsonb, last_seen_at = now() WHERE id = $1",
+                       device_id, connections)  # the pool's jsonb codec encodes it

@@ -51,9 +51,26 @@ async def library(request: web.Request) -> web.Response:
     )
 
 
+HOLDER_NAME = web.AppKey("holder_name", str)
+
+
+async def identity(request: web.Request) -> web.Response:
+    """The server root a Plex client reads first (python-plexapi's ``PlexServer``, and so
+    ``MyPlexResource.connect()``): who this server is, for a valid token only."""
+    token = await plex.param(request, "X-Plex-Token")
+    principal = await request.app[HOLDER].validate(token)
+    if principal is None:
+        raise Unauthorized()
+    name = request.app[HOLDER_NAME]
+    attrs = {"size": 0, "friendlyName": name, "machineIdentifier": f"holder-{name}", "version": "1.0.0",
+             "platform": "Hearth", "myPlex": True, "myPlexSigninState": "ok"}
+    return plex.respond(request, xml=plex.element("MediaContainer", attrs), json={"MediaContainer": attrs})
+
+
 def create_app(settings: HolderSettings) -> web.Application:
     app = web.Application(middlewares=[request_context], client_max_size=64 * 1024)
     app[SERVICE_NAME] = f"holder-{settings.name}"
+    app[HOLDER_NAME] = settings.name
     app[READY_CHECKS] = []
 
     async def kit_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -77,6 +94,7 @@ def create_app(settings: HolderSettings) -> web.Application:
         await kit.stop()
 
     app.cleanup_ctx.append(kit_ctx)
+    app.router.add_get("/", identity)
     app.router.add_get("/library", library)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

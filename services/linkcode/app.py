@@ -11,7 +11,7 @@ from aiohttp import web
 from services.linkcode import events, routes, store
 from services.linkcode.service import LinkCodes
 from services.linkcode.settings import Settings
-from shared import throttle
+from shared import cors, throttle
 from shared.app import (
     POOL,
     PRODUCER,
@@ -69,6 +69,7 @@ async def cleanup(app: web.Application) -> None:
 
 def create_app(settings: Settings) -> web.Application:
     app = base_app(settings)
+    cors.install(app)  # browser apps call the Plex API from their own origin
     app.cleanup_ctx.extend([
         pool_ctx([("linkcode", MIGRATIONS)]),
         producer_ctx,

@@ -72,3 +72,13 @@ class UnsupportedGrant(HearthError):
     status = 400
     code = "unsupported_grant_type"
     title = "Only the device_code grant is supported here"
+
+
+class ClientMismatch(HearthError):
+    """The auth app's ``clientID`` is not the client that created the PIN (a link built for one app,
+    opened with another's code): nothing is linked."""
+
+    status = 409
+    code = "client_mismatch"
+    title = "This sign-in request does not belong to the app that sent you here"
+    plex_code = 1124

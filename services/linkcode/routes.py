@@ -142,11 +142,21 @@ def _account_param(value: object) -> str:
         raise ValidationFailed("account_id must be a UUID", field="account_id") from None
 
 
+def _client_param(value: object) -> str | None:
+    """The auth app's clientID: when given, only a strong PIN of that client identifier matches."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 0 < len(value) <= 255:
+        raise ValidationFailed("client_identifier must be 1 to 255 characters", field="client_identifier")
+    return value
+
+
 async def describe_code(request: web.Request) -> web.Response:
     require_internal(request, _settings(request).internal_api_secret.get_secret_value())
     info = await request.app[LINKCODES].describe(request.match_info["code"][:64],
                                                  _account_param(request.query.get("account_id")),
-                                                 client_address(request))
+                                                 client_address(request),
+                                                 client=_client_param(request.query.get("client_identifier")))
     return web.json_response({"kind": info.kind, "product": info.product, "device_name": info.device_name,
                               "platform": info.platform, "client": info.client,
                               "expires_at": info.expires_at.isoformat()})
@@ -159,7 +169,8 @@ async def approve_code(request: web.Request) -> web.Response:
     principal = Principal(account_id=account_id, session_id=str(body.get("session_id") or ""), device_id=0,
                           client_id="web", kind="browser", issued_at=0.0)
     kind = await request.app[LINKCODES].approve(request.match_info["code"][:64], principal,
-                                                client_address(request), deny=bool(body.get("deny")))
+                                                client_address(request), deny=bool(body.get("deny")),
+                                                client=_client_param(body.get("client_identifier")))
     return web.json_response({"kind": kind, "approved": not body.get("deny")})
 
 

@@ -23,6 +23,7 @@ from services.linkcode import store
 from services.linkcode.errors import (
     AccessDenied,
     AuthorizationPending,
+    ClientMismatch,
     CodeBudgetExhausted,
     CodeNotFound,
     CodeSpaceFull,
@@ -200,14 +201,16 @@ class LinkCodes:
         await throttle.fail(self.pool, scopes, window=self.s.code_attempt_window,
                             max_block=self.s.code_attempt_window, growing=False)
 
-    async def _lookup(self, raw: str | None, scopes: list[tuple[str, int]]) -> tuple[str, Any]:
-        """The code's PIN or device code, settling the reserved entry: a wrong code counts."""
+    async def _lookup(self, raw: str | None, scopes: list[tuple[str, int]], *, strong_only: bool = False
+                      ) -> tuple[str, Any]:
+        """The code's PIN or device code, settling the reserved entry: a wrong code counts (with
+        ``strong_only``, anything but a strong PIN is a wrong code)."""
         try:
             found = await self._find(normalise_code(raw))
         except BaseException:
             await self._right(scopes)
             raise
-        if found is None:
+        if found is None or (strong_only and (found[0] != "pin" or not found[1].strong)):
             await self._wrong(scopes)
             raise CodeNotFound()
         await self._right(scopes)
@@ -222,21 +225,33 @@ class LinkCodes:
             return ("pin", pin) if pin else None
         return None
 
-    async def describe(self, raw: str | None, account_id: str, address: str) -> CodeInfo:
-        """What would be linked (for the link page), counting a wrong entry against the budgets."""
+    async def _find_for(self, raw: str | None, account_id: str, address: str, client: str | None
+                        ) -> tuple[str, Any]:
+        """The live code, settling the entry reserved from the account's and the address's budgets
+        (a wrong code counts). With ``client`` (the auth app's ``clientID``) only a strong PIN is
+        accepted, and only one created by that client identifier."""
         scopes = await self._budget(account_id, address)
-        kind, obj = await self._lookup(raw, scopes)
+        kind, obj = await self._lookup(raw, scopes, strong_only=client is not None)
+        if client is not None and not tokens.same(obj.client_identifier, client):
+            raise ClientMismatch()
+        return kind, obj
+
+    async def describe(self, raw: str | None, account_id: str, address: str, *,
+                       client: str | None = None) -> CodeInfo:
+        """What would be linked (for the link page), counting a wrong entry against the budgets."""
+        kind, obj = await self._find_for(raw, account_id, address, client)
         if kind == "pin":
             d = obj.device
             return CodeInfo("pin", d.get("product", ""), d.get("device_name", "") or d.get("device", ""),
                             d.get("platform", ""), obj.client_identifier, obj.expires_at)
         return CodeInfo("device_code", obj["client_id"], obj["client_id"], "", obj["client_id"], obj["expires_at"])
 
-    async def approve(self, raw: str | None, principal: Principal, address: str, *, deny: bool = False) -> str:
-        """Link a PIN or approve (or deny) a device code for the signed-in account."""
+    async def approve(self, raw: str | None, principal: Principal, address: str, *, deny: bool = False,
+                      client: str | None = None) -> str:
+        """Link a PIN or approve (or deny) a device code for the signed-in account; with ``client``,
+        only a strong PIN of that client identifier (the auth app)."""
         account_id = principal.account_id
-        scopes = await self._budget(account_id, address)
-        kind, obj = await self._lookup(raw, scopes)
+        kind, obj = await self._find_for(raw, account_id, address, client)
         acct = uuid.UUID(account_id)
         if kind == "device_code":
             async with self.pool.acquire() as conn:
@@ -258,8 +273,12 @@ class LinkCodes:
                     producer=PRODUCER, key=account_id))
             return kind
         pin: store.Pin = obj
-        if deny:
+        if deny and client is None:
             raise ValidationFailed("PINs cannot be denied; let them expire")
+        if deny:  # the auth app's Deny: the app's poller learns at once (404) instead of at expiry
+            if not await store.end_pin(self.pool, pin.id):
+                raise CodeNotFound()
+            return kind
         d = pin.device
         minted = await self._mint(acct, {"client_identifier": pin.client_identifier, **d})
         async with self.pool.acquire() as conn, conn.transaction():

@@ -87,6 +87,14 @@ async def link_pin(conn: asyncpg.Connection, pin_id: int, account_id: UUID, sess
     return bool(done)
 
 
+async def end_pin(conn: asyncpg.Connection | asyncpg.Pool, pin_id: int) -> bool:
+    """A denied PIN (the auth app's Deny) ends at once: its poller gets 'not found' and stops."""
+    done = await conn.fetchval(
+        "UPDATE pins SET expires_at = now() WHERE id = $1 AND linked_at IS NULL AND expires_at > now() RETURNING 1",
+        pin_id)
+    return bool(done)
+
+
 async def collect_pin(conn: asyncpg.Connection, pin_id: int, client_identifier: str) -> tuple[str, UUID] | None:
     """Take the waiting token (once) and erase it; only for the client that created the PIN."""
     row = await conn.fetchrow(

@@ -3,7 +3,8 @@
 Pages: ``/signup``, ``/signin``, ``/signout``, ``/forgot``, ``/reset`` (from the emailed link),
 ``/account`` (devices, remove, sign out others, change password with "Sign out connected devices
 after password change"), ``/link`` (4-character PIN, strong code or RFC 8628 user code; ``?code=``
-prefills), ``/claim`` (claim token with countdown, copy button and the ``PLEX_CLAIM`` Docker line).
+prefills), ``/claim`` (claim token with countdown, copy button and the ``PLEX_CLAIM`` Docker line),
+``/auth`` and ``/auth/`` (the auth app of "Sign in with Plex" popups, ``services/web/authapp.py``).
 
 A browser session is an ordinary devicesession session of kind ``browser`` (minted through auth's
 sign-in), kept in the HttpOnly, SameSite=Lax ``hearth_session`` cookie (Secure over HTTPS). web is

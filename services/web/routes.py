@@ -186,7 +186,7 @@ async def home(request: web.Request) -> web.Response:
 
 async def signup_page(request: web.Request) -> web.Response:
     await current(request)
-    return page(request, "signup.html", {})
+    return page(request, "signup.html", {"next": _next(request.query.get("next"))})
 
 
 async def signup(request: web.Request) -> web.Response:
@@ -197,8 +197,9 @@ async def signup(request: web.Request) -> web.Response:
             "password": form.get("password", "")}, headers=_browser_headers(request))
     except HearthError as err:
         field = err.field or {"email_taken": "email", "username_taken": "username"}.get(err.code, "form")
-        return page(request, "signup.html", {"form": form, "errors": {field: _wait_message(err)}}, status=400)
-    response = web.HTTPSeeOther("/account")
+        return page(request, "signup.html", {"form": form, "errors": {field: _wait_message(err)},
+                                             "next": _next(form.get("next"))}, status=400)
+    response = web.HTTPSeeOther(_next(form.get("next")))  # e.g. back to the auth app's request
     _start_session(response, request, data["authToken"])
     raise response
 
@@ -206,8 +207,10 @@ async def signup(request: web.Request) -> web.Response:
 def _next(value: str | None) -> str:
     """Where to go after signing in: a path on this site, else /account. Refused: anything but a
     plain path, and any path a browser would normalise into one starting with // (another host):
-    empty segments and dot segments are refused outright."""
-    if not value or not re.fullmatch(r"/[A-Za-z0-9/_?=&.-]{0,200}", value):
+    empty segments and dot segments are refused outright. The query may also hold percent-encoded
+    values ('%', '+', '~'): the auth app's request (services/web/authapp.py) comes back through
+    sign-in that way. The path may not, as a browser decodes %2e into a dot segment."""
+    if not value or not re.fullmatch(r"/[A-Za-z0-9/_.-]{0,200}(\?[A-Za-z0-9/_?=&.%+~-]{0,4000})?", value):
         return "/account"
     path = value.split("?", 1)[0]
     segments = path.split("/")[1:]
@@ -476,6 +479,9 @@ def setup_routes(app: web.Application) -> None:
     r.add_post("/link", link_lookup)
     r.add_post("/link/approve", link_approve)
     r.add_get("/claim", claim_page)
+    from services.web import authapp
+
+    authapp.setup_routes(app)
     from services.web import two_factor_pages
 
     two_factor_pages.setup(app)
