@@ -55,7 +55,7 @@ from shared.settings import CommonSettings
 class PasskeyRejected(ValidationFailed):
     code = "passkey_rejected"
     title = "The passkey could not be verified; try again"
-    plex_code = 1122
+    plex_code = 1126
 
 
 class PasskeySigninFailed(Unauthorized):

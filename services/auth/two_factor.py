@@ -98,7 +98,7 @@ class NotEnabled(Conflict):
 class PendingSigninInvalid(ValidationFailed):
     code = "pending_signin_invalid"
     title = "This sign-in has expired; enter your password again"
-    plex_code = 1121
+    plex_code = 1125
 
 
 @dataclass(frozen=True)

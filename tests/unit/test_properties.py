@@ -7,6 +7,7 @@ import dataclasses
 import string
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 from urllib.parse import quote, urljoin, urlsplit
 
 import pytest
@@ -244,3 +245,23 @@ def test_every_registered_event_type_is_consumed_or_knowingly_ignored() -> None:
     known = {t for h in DECLARED.values() if not h.consumer.startswith("unit.") for t in h.handlers} | {
         t for h in DECLARED.values() if not h.consumer.startswith("unit.") for t in h.ignored} | by_kit
     assert sorted(set(events.REGISTRY) - known) == []
+
+
+def test_hearth_plex_error_codes_each_mean_one_thing() -> None:
+    """Hearth's own Plex codes (1110 and up) are documented in the README, one meaning each."""
+    import importlib
+    import inspect
+
+    from shared.errors import HearthError
+
+    modules = ["services.auth.errors", "services.auth.two_factor", "services.auth.passkeys",
+               "services.linkcode.errors", "services.devicesession.errors", "shared.errors"]
+    meaning: dict[int, set[str]] = {}
+    for name in modules:
+        for _, cls in inspect.getmembers(importlib.import_module(name), inspect.isclass):
+            if issubclass(cls, HearthError) and "plex_code" in cls.__dict__ and cls.plex_code >= 1110:
+                meaning.setdefault(cls.plex_code, set()).add(cls.code)
+    assert {c: m for c, m in meaning.items() if len(m) > 1} == {}
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert [c for c in sorted(meaning) if f"| {c} |" not in readme and f"| {c} /" not in readme
+            and f"/ {c} |" not in readme] == []
