@@ -23,7 +23,7 @@ from typing import TypeVar
 
 import asyncpg
 
-from services.auth import store
+from services.auth import events, store
 from services.auth.errors import (
     BadCredentials,
     EmailTaken,
@@ -35,20 +35,18 @@ from services.auth.errors import (
     WeakPassword,
 )
 from services.auth.settings import Settings
-from shared import logs, outbox, throttle, tokens
+from shared import logs, throttle, tokens
 from shared.crypto import Sealer
 from shared.events import (
     AccountCreated,
     AccountResetRequired,
     PasswordChanged,
     PasswordResetRequested,
-    envelope,
     iso,
     utcnow,
 )
 from shared.passwords import Passwords, VerifyResult
 
-PRODUCER = "auth"
 T = TypeVar("T")
 MIN_PASSWORD = 8
 MAX_PASSWORD = 1024
@@ -157,9 +155,9 @@ class Auth:
                 async with conn.transaction():
                     account = await store.insert_account(conn, account_id, email, normalise_email(email), username,
                                                          username.lower(), password_hash)
-                    await outbox.add(conn, self.topics.auth_events, envelope(
-                        AccountCreated(account_id=str(account_id), email=email, username=username),
-                        producer=PRODUCER, key=str(account_id)))
+                    await events.publish(conn, self.topics.auth_events,
+                                         AccountCreated(account_id=str(account_id), email=email, username=username),
+                                         key=str(account_id))
                     if then is not None:
                         result = await then(account)
             except asyncpg.UniqueViolationError as exc:
@@ -294,7 +292,7 @@ class Auth:
             sealed_token=self.sealer.seal(token, context=str(account.id)), reset_url=self.reset_url(),
             expires_at=iso(expires),
         )
-        await outbox.add(conn, self.topics.auth_events, envelope(event, producer=PRODUCER, key=str(account.id)))
+        await events.publish(conn, self.topics.auth_events, event, key=str(account.id))
 
     def reset_url(self) -> str:
         return self.s.public_base_url.rstrip("/") + "/reset"
@@ -353,12 +351,11 @@ class Auth:
         changed_at: datetime = await store.set_password(conn, account.id, new_hash)
         # A reset link asked for before the change is a credential of the old password: void it.
         await store.invalidate_reset_tokens(conn, account.id)
-        env = envelope(
+        env = await events.publish(
+            conn, self.topics.auth_events,
             PasswordChanged(account_id=str(account.id), email=account.email, username=account.username, cause=cause,
                             revoke_sessions=revoke, keep_session_id=keep, changed_at=iso(changed_at)),
-            producer=PRODUCER, key=str(account.id),
-        )
-        await outbox.add(conn, self.topics.auth_events, env)
+            key=str(account.id))
         rid = logs.request_id.get()
         if rid:
             await store.insert_change_request(conn, rid, account.id, env.id)
@@ -392,15 +389,13 @@ class Auth:
                 await store.insert_reset_token(conn, tokens.digest(self.key, token, purpose="reset"), account_id, exp,
                                                incident_id)
                 sealed, expires = self.sealer.seal(token, context=str(account_id)), iso(exp)
-            await outbox.add(conn, self.topics.auth_events, envelope(
-                AccountResetRequired(account_id=str(account_id), email=account.email, username=account.username,
-                                     reason=reason, incident_id=incident_id, notify=notify, sealed_token=sealed,
-                                     reset_url=self.reset_url() if notify else None, expires_at=expires),
-                producer=PRODUCER, key=str(account_id)))
+            await events.publish(conn, self.topics.auth_events, AccountResetRequired(
+                account_id=str(account_id), email=account.email, username=account.username, reason=reason,
+                incident_id=incident_id, notify=notify, sealed_token=sealed,
+                reset_url=self.reset_url() if notify else None, expires_at=expires), key=str(account_id))
             if revoke_sessions:
-                await outbox.add(conn, self.topics.auth_events, envelope(
-                    PasswordChanged(account_id=str(account_id), email=account.email, username=account.username,
-                                    cause="forced", revoke_sessions=True, incident_id=incident_id, reason=reason,
-                                    notify=False, changed_at=iso(utcnow())),
-                    producer=PRODUCER, key=str(account_id)))
+                await events.publish(conn, self.topics.auth_events, PasswordChanged(
+                    account_id=str(account_id), email=account.email, username=account.username, cause="forced",
+                    revoke_sessions=True, incident_id=incident_id, reason=reason, notify=False,
+                    changed_at=iso(utcnow())), key=str(account_id))
         return True

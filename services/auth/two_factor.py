@@ -35,7 +35,7 @@ from urllib.parse import quote
 import asyncpg
 import pyotp
 
-from services.auth import store
+from services.auth import events, store
 from services.auth.errors import SignInThrottled
 from shared import outbox, tokens
 from shared.crypto import Sealer, SealError
@@ -53,7 +53,6 @@ from shared.events import (
 if TYPE_CHECKING:
     from services.auth.service import Auth
 
-PRODUCER = "auth"
 STEP = 30
 DIGITS = 6
 ISSUER = "Hearth"
@@ -225,7 +224,7 @@ async def purge_expired(conn: asyncpg.Connection | asyncpg.Pool) -> None:
 def disabled_event(account: store.Account, *, by: str, reason: str | None) -> Envelope:
     return envelope(TwoFactorDisabled(account_id=str(account.id), email=account.email, username=account.username,
                                       by=by, reason=reason, disabled_at=iso(utcnow())),
-                    producer=PRODUCER, key=str(account.id))
+                    producer=events.PRODUCER, key=str(account.id))
 
 
 # --------------------------------------------------------------------------------- service
@@ -297,9 +296,9 @@ class TwoFactor:
             if enabled_at is None:
                 raise NoEnrollment()  # restarted, expired or confirmed concurrently
             await _replace_recovery(conn, account.id, hmacs)
-            await outbox.add(conn, self.auth.topics.auth_events, envelope(
-                TwoFactorEnabled(account_id=str(account.id), email=account.email, username=account.username,
-                                 enabled_at=iso(enabled_at)), producer=PRODUCER, key=str(account.id)))
+            await events.publish(conn, self.auth.topics.auth_events, TwoFactorEnabled(
+                account_id=str(account.id), email=account.email, username=account.username,
+                enabled_at=iso(enabled_at)), key=str(account.id))
         await self._clear(account.id)
         return codes
 
@@ -379,10 +378,9 @@ class TwoFactor:
             if left is None:
                 raise WrongVerificationCode()
             if emit_recovery:
-                await outbox.add(conn, self.auth.topics.auth_events, envelope(
-                    TwoFactorRecoveryCodeUsed(account_id=str(account.id), email=account.email,
-                                              username=account.username, codes_left=left, used_at=iso(utcnow())),
-                    producer=PRODUCER, key=str(account.id)))
+                await events.publish(conn, self.auth.topics.auth_events, TwoFactorRecoveryCodeUsed(
+                    account_id=str(account.id), email=account.email, username=account.username, codes_left=left,
+                    used_at=iso(utcnow())), key=str(account.id))
         await self._clear(account.id)
         return "recovery"
 

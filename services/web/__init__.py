@@ -12,4 +12,10 @@ a session holder (holder kit, holder "web"): a revoked browser session is refuse
 request. Every form carries a CSRF token bound to the browser's ``hearth_csrf`` cookie.
 
 No database: web keeps no state of its own. Calls auth, devicesession and linkcode over HTTP.
+
+Layout: no ``service.py``, ``store.py``, ``events.py``, ``errors.py`` or ``migrations/``. web has
+no domain logic and no tables (each page calls the service that owns the data), consumes nothing
+but ``sessions.revoked`` through the holder kit (which needs no handler here), and raises the
+shared error types, rendered as pages by ``shared.app.HTML_ERRORS``. Its modules are ``routes.py``
+(the pages), ``authapp.py`` (the auth app) and ``two_factor_pages.py`` (two-step and passkeys).
 """
