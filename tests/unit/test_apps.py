@@ -128,3 +128,25 @@ async def test_web_forms_need_csrf_and_pages_render_signed_out(service: TestClie
     assert r.status == 403
     r = await service.get("/account", allow_redirects=False)
     assert r.status == 303 and r.headers["Location"].startswith("/signin")
+
+
+@pytest.mark.parametrize("path", ["/api/v2/user", "/api/v2/pins/1.json", "/devices.xml", "/pins/x", "/users/account",
+                                  "/users/sign_in.json", "/oauth/token", "/signin", "/account", "/auth",
+                                  "/link?code=x.json", "/api/resources?includeHttps=1"])
+def test_the_edge_and_the_services_agree_on_each_paths_error_family(path: str) -> None:
+    """nginx's own refusals (400, 411, 413, 414) answer in the shape the services would use."""
+    import re
+
+    from aiohttp.test_utils import make_mocked_request
+
+    from shared.app import error_family
+    from tests.conftest import ROOT
+
+    template = (ROOT / "deploy" / "nginx" / "hearth.conf.template").read_text()
+    block = template[template.index("map $request $hearth_family {"):]
+    block = block[:block.index("}")]
+    rules = re.findall(r'"~(.*?)" (\w+);', block)
+    line = f"GET {path} HTTP/1.1"
+    edge = next((family for rx, family in rules if re.search(rx, line)), "web")
+    service = error_family(make_mocked_request("GET", path))
+    assert edge == {"problem": "web"}.get(service, service), (path, edge, service)
