@@ -128,3 +128,17 @@ async def test_requests_failing_inside_an_internal_call_leave_nothing_and_succee
         assert status == 200, body
     finally:
         await browser.close()
+
+
+async def test_an_unreachable_service_is_a_503_in_the_routes_shape_with_cors(stack: Stack) -> None:
+    """nginx's own answer when no replica of a service can be reached: 503 (retry), in the route
+    family's error shape, and on Plex routes with Access-Control-Allow-Origin like every answer."""
+    import aiohttp
+
+    async with down(stack, "auth"), aiohttp.ClientSession() as http:
+        async with http.get(stack.edge_url + "/api/v2/user", headers={"Origin": "https://app.example"}) as r:
+            body = await r.text()
+            assert r.status == 503 and 'code="1094"' in body, (r.status, body)
+            assert r.headers["Access-Control-Allow-Origin"] == "*" and r.headers["Retry-After"] == "1"
+        async with http.get(stack.edge_url + "/users/account.json") as r:
+            assert r.status == 503
