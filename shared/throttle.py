@@ -12,6 +12,18 @@ import contextlib
 
 import asyncpg
 
+from shared.errors import Throttled
+
+
+def refuse_if_waiting(wait: float, error: type[Throttled], what: str, *, code: str | None = None) -> None:
+    """The one way Hearth refuses a throttled attempt: ``error`` saying ``what`` and "try again in N
+    seconds", with ``Retry-After: N`` (N rounded up, at least 1), when ``wait`` is above 0."""
+    if wait <= 0:
+        return
+    seconds = int(wait) + 1
+    raise error(f"{what}; try again in {seconds} seconds", retry_after=seconds, code=code)
+
+
 
 async def blocked_for(conn: asyncpg.Connection | asyncpg.Pool, scopes: list[str]) -> float:
     """Seconds until every scope is unblocked (0 when none is blocked)."""
@@ -51,6 +63,40 @@ async def hit(conn: asyncpg.Connection | asyncpg.Pool, scope: str, *, free: int,
     return hits
 
 
+async def count_attempt(conn: asyncpg.Connection | asyncpg.Pool, scope: str, *, free: int, window: int,
+                           max_block: int) -> float:
+    """Count one code attempt unless the scope is blocked, in one statement. Returns 0 when the
+    attempt may proceed, else the seconds until the block ends. Past ``free`` attempts in the window,
+    each attempt blocks the scope for 2^(attempts - free) seconds (capped)."""
+    row = await conn.fetchrow(
+        """
+        WITH hit AS (
+            INSERT INTO throttles AS t (scope, hits, window_start) VALUES ($1, 1, now())
+            ON CONFLICT (scope) DO UPDATE SET
+                hits = CASE WHEN t.window_start < now() - make_interval(secs => $2) THEN 1 ELSE t.hits + 1 END,
+                window_start = CASE WHEN t.window_start < now() - make_interval(secs => $2) THEN now()
+                                    ELSE t.window_start END,
+                blocked_until = CASE
+                    WHEN (CASE WHEN t.window_start < now() - make_interval(secs => $2) THEN 1 ELSE t.hits + 1 END) > $3
+                    THEN now() + make_interval(secs => least($4::float8, power(2, least(
+                        (CASE WHEN t.window_start < now() - make_interval(secs => $2) THEN 1 ELSE t.hits + 1 END) - $3,
+                        20))::float8))
+                    ELSE NULL END
+            WHERE t.blocked_until IS NULL OR t.blocked_until <= now()
+            RETURNING hits
+        )
+        SELECT (SELECT hits FROM hit) AS hits,
+               coalesce((SELECT extract(epoch FROM blocked_until - now()) FROM throttles WHERE scope = $1), 0)::float8
+                   AS blocked_for
+        """,
+        scope, float(window), free, float(max_block),
+    )
+    assert row is not None
+    if row["hits"] is not None:
+        return 0.0
+    return max(float(row["blocked_for"]), 0.001)
+
+
 async def clear(conn: asyncpg.Connection | asyncpg.Pool, scope: str) -> None:
     await conn.execute("DELETE FROM throttles WHERE scope = $1", scope)
 
@@ -62,69 +108,96 @@ async def purge(conn: asyncpg.Connection | asyncpg.Pool) -> None:
 
 _FREE_OF = "(SELECT v.free FROM unnest($1::text[], $2::int[]) AS v(scope, free) WHERE v.scope = t.scope LIMIT 1)"
 _EXPIRED = "t.window_start < now() - make_interval(secs => $3)"
-_settled: asyncio.Condition | None = None
+# An attempt is admitted while the scope is not blocked and its failures plus the attempts in flight
+# stay within the allowance (past it: one attempt at a time after each block ends).
+_ADMITS = (f"((t.blocked_until IS NULL OR t.blocked_until <= now())"
+           f" AND (t.hits + t.pending <= {_FREE_OF} OR (t.hits > {_FREE_OF} AND t.pending = 0)))")
+_RESERVE = f"""
+    WITH refusing AS (
+        SELECT t.scope, t.blocked_until FROM throttles t
+        WHERE t.scope = ANY($1::text[]) AND NOT {_EXPIRED} AND NOT {_ADMITS}
+    ), taken AS (
+        INSERT INTO throttles AS t (scope, hits, window_start, pending)
+        SELECT u.scope, 0, now(), 1 FROM unnest($1::text[], $2::int[]) AS u(scope, free)
+        WHERE NOT EXISTS (SELECT 1 FROM refusing)
+        ON CONFLICT (scope) DO UPDATE SET
+            pending = t.pending + 1,
+            hits = CASE WHEN {_EXPIRED} THEN 0 ELSE t.hits END,
+            blocked_until = CASE WHEN {_EXPIRED} THEN NULL ELSE t.blocked_until END,
+            window_start = CASE WHEN {_EXPIRED} THEN now() ELSE t.window_start END
+        WHERE {_EXPIRED} OR {_ADMITS}
+        RETURNING t.scope
+    )
+    SELECT array(SELECT scope FROM taken) AS taken, array(SELECT scope FROM refusing) AS refusing,
+           coalesce((SELECT max(extract(epoch FROM blocked_until - now())) FROM refusing
+                     WHERE blocked_until > now()), 0)::float8 AS wait
+"""
+# Attempts waiting in this process for a place in a scope, oldest first: a settlement here wakes the
+# oldest waiter of each scope it settles at once; settlements in other replicas are seen by polling.
+_waiting: dict[str, list[asyncio.Future[None]]] = {}
 
 
-def _condition() -> asyncio.Condition:
-    global _settled
-    if _settled is None:
-        _settled = asyncio.Condition()
-    return _settled
+def _wake(scopes: list[str]) -> None:
+    for scope in scopes:
+        waiters = _waiting.get(scope)
+        while waiters:
+            future = waiters.pop(0)
+            if not future.done():
+                future.set_result(None)
+                break
+        if not waiters:
+            _waiting.pop(scope, None)
 
 
-async def _wake_one() -> None:
-    cond = _condition()
-    async with cond:
-        cond.notify(1)
+async def _wait_for_place(scopes: list[str], seconds: float) -> None:
+    future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    for scope in scopes:
+        _waiting.setdefault(scope, []).append(future)
+    try:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(future), seconds)
+    finally:
+        for scope in scopes:
+            waiters = _waiting.get(scope)
+            if waiters and future in waiters:
+                waiters.remove(future)
+                if not waiters:
+                    _waiting.pop(scope, None)
 
 
 async def reserve(conn: asyncpg.Connection | asyncpg.Pool, scopes: list[tuple[str, int]], *, window: int,
                   busy_wait: float = 10.0) -> float:
     """Reserve one attempt in every ``(scope, free)`` before the expensive or guessable step.
 
-    An attempt is admitted, atomically in one statement, only while the scope is not blocked and
-    its failures plus the attempts still in flight (``pending``) stay within ``free`` (past the
-    allowance: one attempt at a time after each block ends). So parallel guesses are held to the
-    budget: those beyond it wait for the ones in flight to settle (right ones give their place
-    back, wrong ones count and may block), then go on or get the block. Settle every admitted
-    attempt with :func:`fail`, :func:`settle` or :func:`release`. Returns 0 when admitted, else
-    the seconds to wait."""
+    An attempt is admitted, atomically in one statement and in all scopes or none, only while no
+    scope is blocked and each scope's failures plus the attempts still in flight (``pending``) stay
+    within ``free`` (past the allowance: one attempt at a time after each block ends). So parallel
+    guesses are held to the budget: those beyond it wait for the ones in flight to settle (right
+    ones give their place back, wrong ones count and may block), then go on or get the block. A
+    refused attempt writes nothing; a waiting one is woken by a settlement in this process, and
+    polls (with backoff) for those of other replicas. Settle every admitted attempt with
+    :func:`fail`, :func:`settle` or :func:`release`. Returns 0 when admitted, else the seconds to
+    wait."""
     names = [s for s, _ in scopes]
     frees = [f for _, f in scopes]
     loop = asyncio.get_running_loop()
     deadline = loop.time() + busy_wait
+    poll = 0.05
     while True:
-        rows = await conn.fetch(
-            f"""
-            INSERT INTO throttles AS t (scope, hits, window_start, pending)
-            SELECT u.scope, 0, now(), 1 FROM unnest($1::text[], $2::int[]) AS u(scope, free)
-            ON CONFLICT (scope) DO UPDATE SET
-                pending = t.pending + 1,
-                hits = CASE WHEN {_EXPIRED} THEN 0 ELSE t.hits END,
-                blocked_until = CASE WHEN {_EXPIRED} THEN NULL ELSE t.blocked_until END,
-                window_start = CASE WHEN {_EXPIRED} THEN now() ELSE t.window_start END
-            WHERE {_EXPIRED}
-               OR ((t.blocked_until IS NULL OR t.blocked_until <= now())
-                   AND (t.hits + t.pending <= {_FREE_OF} OR (t.hits > {_FREE_OF} AND t.pending = 0)))
-            RETURNING t.scope
-            """,
-            names, frees, float(window),
-        )
-        counted = {r["scope"] for r in rows}
-        if len(counted) == len(names):
+        row = await conn.fetchrow(_RESERVE, names, frees, float(window))
+        assert row is not None
+        taken = list(row["taken"])
+        if len(taken) == len(names):
             return 0.0
-        if counted:
-            await _unpend(conn, [s for s in names if s in counted])
-        wait = await blocked_for(conn, names)
-        if wait > 0:
-            return max(wait, 1.0)
+        if taken:  # another attempt took the last place between this statement's check and its write
+            await _unpend(conn, taken)
+            _wake(taken)
+        if row["wait"] > 0:
+            return max(float(row["wait"]), 1.0)
         if loop.time() >= deadline:
             return 1.0
-        # Full of attempts in flight: wait until one settles here (or briefly, for other replicas).
-        cond = _condition()
-        async with cond:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(cond.wait(), 0.1)
+        await _wait_for_place(list(row["refusing"]) or names, min(poll, max(0.0, deadline - loop.time())))
+        poll = min(poll * 2, 1.0)
 
 
 async def _unpend(conn: asyncpg.Connection | asyncpg.Pool, scopes: list[str]) -> None:
@@ -147,13 +220,13 @@ async def fail(conn: asyncpg.Connection | asyncpg.Pool, scopes: list[tuple[str, 
         """,
         [s for s, _ in scopes], [f for _, f in scopes], float(max_block), growing, float(window),
     )
-    await _wake_one()
+    _wake([s for s, _ in scopes])
 
 
 async def release(conn: asyncpg.Connection | asyncpg.Pool, scopes: list[tuple[str, int]]) -> None:
     """A reserved attempt that was not a failure: its place is given back, nothing is counted."""
     await _unpend(conn, [s for s, _ in scopes])
-    await _wake_one()
+    _wake([s for s, _ in scopes])
 
 
 async def settle(conn: asyncpg.Connection | asyncpg.Pool, clear_scope: str, release_scopes: list[tuple[str, int]]
@@ -168,4 +241,4 @@ async def settle(conn: asyncpg.Connection | asyncpg.Pool, clear_scope: str, rele
         " WHERE scope = ANY($2::text[])",
         clear_scope, names,
     )
-    await _wake_one()
+    _wake(names)

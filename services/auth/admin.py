@@ -22,7 +22,7 @@ import asyncpg
 import click
 from tqdm import tqdm
 
-from services.auth import breach
+from services.auth import breach, store
 from services.auth.service import normalise_login
 from services.auth.settings import Settings
 from shared import db, stackenv
@@ -325,10 +325,8 @@ async def _resolve(conn: asyncpg.Connection, login: str) -> uuid.UUID | None:
         return uuid.UUID(login)
     except ValueError:
         pass
-    norm = normalise_login(login)
-    column = "email_norm" if "@" in norm else "username_norm"
-    value: uuid.UUID | None = await conn.fetchval(f"SELECT id FROM accounts WHERE {column} = $1", norm)
-    return value
+    account = await store.find_by_login(conn, normalise_login(login))
+    return account.id if account is not None else None
 
 
 @command.group("two-factor")

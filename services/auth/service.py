@@ -139,9 +139,7 @@ class Auth:
         s = self.s
         scope = [(f"signup:addr:{address}", s.signups_per_address)]
         wait = await throttle.reserve(self.pool, scope, window=s.signup_window)
-        if wait > 0:
-            raise SignInThrottled(f"Too many sign-ups; try again in {int(wait) + 1} seconds",
-                                  retry_after=int(wait) + 1, code="too_many_signups")
+        throttle.refuse_if_waiting(wait, SignInThrottled, "Too many sign-ups", code="too_many_signups")
         await throttle.fail(self.pool, scope, window=s.signup_window, max_block=s.signup_window, growing=False)
         email = check_email(email)
         username = check_username(username)
@@ -180,9 +178,7 @@ class Auth:
         """Reserve this attempt before hashing (atomically, in SQL): parallel guesses are held to the
         budget; settled by _failed or _succeeded."""
         wait = await throttle.reserve(self.pool, scopes, window=self.s.signin_window)
-        if wait > 0:
-            raise SignInThrottled(f"Too many failed attempts; try again in {int(wait) + 1} seconds",
-                                  retry_after=int(wait) + 1)
+        throttle.refuse_if_waiting(wait, SignInThrottled, "Too many failed attempts")
 
     async def _failed(self, scopes: list[tuple[str, int]]) -> None:
         await throttle.fail(self.pool, scopes, window=self.s.signin_window, max_block=self.s.signin_max_block)
@@ -217,7 +213,8 @@ class Auth:
             await self._failed(scopes)
             raise BadCredentials()
         await self._succeeded(scopes)
-        await self.two_factor.check_sign_in(account, verification_code)
+        if account.two_factor_on:
+            await self.two_factor.verify(account, verification_code)
         if account.reset_required_at is not None:
             raise ResetRequired()
         if result.needs_rehash:
@@ -230,7 +227,7 @@ class Auth:
         """Old apps send the password with the 6-digit code appended: for a 2FA account whose whole
         password did not verify, try the password without its last 6 digits."""
         split = self.two_factor.split_appended(password)
-        if split is None or not await self.two_factor.enabled(account.id):
+        if split is None or not account.two_factor_on:
             return password, None, result
         retry = await self.passwords.verify(account.password_hash, split[0])
         return (split[0], split[1], retry) if retry.ok else (password, None, result)
@@ -261,9 +258,7 @@ class Auth:
         s = self.s
         scopes = [f"reset:addr:{address}", f"reset:email:{email_norm}"]
         wait = await throttle.blocked_for(self.pool, scopes)
-        if wait > 0:
-            raise SignInThrottled(f"Too many reset requests; try again in {int(wait) + 1} seconds",
-                                  retry_after=int(wait) + 1, code="too_many_reset_requests")
+        throttle.refuse_if_waiting(wait, SignInThrottled, "Too many reset requests", code="too_many_reset_requests")
         await throttle.hit(self.pool, scopes[0], free=s.reset_requests_per_address, window=s.reset_window,
                                  max_block=s.reset_window)
         await throttle.hit(self.pool, scopes[1], free=s.reset_requests_per_email, window=s.reset_window,

@@ -24,10 +24,21 @@ class Account:
     password_changed_at: datetime | None
     reset_required_at: datetime | None
     reset_required_reason: str | None
+    two_factor_on: bool = False  # two-step verification enabled (read with the account: sign-in needs it)
 
 
 _COLS = ("id, num, email, username, password_hash, created_at, password_changed_at, reset_required_at,"
          " reset_required_reason")
+
+
+# Reads of an existing account say in the same query whether it has two-step verification on.
+_READ = (f"{_COLS}, EXISTS (SELECT 1 FROM two_factor tf WHERE tf.account_id = accounts.id"
+         f" AND tf.enabled_at IS NOT NULL) AS two_factor_on")
+
+
+def login_column(login_norm: str) -> str:
+    """The column a normalised login names: an email always contains '@', a username never does."""
+    return "email_norm" if "@" in login_norm else "username_norm"
 
 
 def _account(row: asyncpg.Record | None) -> Account | None:
@@ -47,13 +58,13 @@ async def insert_account(conn: asyncpg.Connection, account_id: UUID, email: str,
 
 
 async def find_by_login(conn: asyncpg.Connection | asyncpg.Pool, login_norm: str) -> Account | None:
-    """By normalised email or username (an email always contains '@', a username never does)."""
-    column = "email_norm" if "@" in login_norm else "username_norm"
-    return _account(await conn.fetchrow(f"SELECT {_COLS} FROM accounts WHERE {column} = $1", login_norm))
+    """By normalised email or username (:func:`login_column`)."""
+    return _account(await conn.fetchrow(f"SELECT {_READ} FROM accounts WHERE {login_column(login_norm)} = $1",
+                                        login_norm))
 
 
 async def find_by_id(conn: asyncpg.Connection | asyncpg.Pool, account_id: UUID) -> Account | None:
-    return _account(await conn.fetchrow(f"SELECT {_COLS} FROM accounts WHERE id = $1", account_id))
+    return _account(await conn.fetchrow(f"SELECT {_READ} FROM accounts WHERE id = $1", account_id))
 
 
 async def update_password_hash(conn: asyncpg.Connection | asyncpg.Pool, account_id: UUID, old_hash: str,

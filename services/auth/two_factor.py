@@ -37,7 +37,7 @@ import pyotp
 
 from services.auth import events, store
 from services.auth.errors import SignInThrottled
-from shared import outbox, tokens
+from shared import outbox, throttle, tokens
 from shared.crypto import Sealer, SealError
 from shared.errors import Conflict, Unauthorized, ValidationFailed
 from shared.events import (
@@ -137,40 +137,6 @@ def matching_step(secret: str, code: str, now: float | None = None) -> int | Non
 
 
 # --------------------------------------------------------------------------------- SQL
-
-
-async def _reserve_attempt(conn: asyncpg.Connection | asyncpg.Pool, scope: str, *, free: int, window: int,
-                           max_block: int) -> float:
-    """Count one code attempt unless the scope is blocked, in one statement. Returns 0 when the
-    attempt may proceed, else the seconds until the block ends. Past ``free`` attempts in the window,
-    each attempt blocks the scope for 2^(attempts - free) seconds (capped)."""
-    row = await conn.fetchrow(
-        """
-        WITH hit AS (
-            INSERT INTO throttles AS t (scope, hits, window_start) VALUES ($1, 1, now())
-            ON CONFLICT (scope) DO UPDATE SET
-                hits = CASE WHEN t.window_start < now() - make_interval(secs => $2) THEN 1 ELSE t.hits + 1 END,
-                window_start = CASE WHEN t.window_start < now() - make_interval(secs => $2) THEN now()
-                                    ELSE t.window_start END,
-                blocked_until = CASE
-                    WHEN (CASE WHEN t.window_start < now() - make_interval(secs => $2) THEN 1 ELSE t.hits + 1 END) > $3
-                    THEN now() + make_interval(secs => least($4::float8, power(2, least(
-                        (CASE WHEN t.window_start < now() - make_interval(secs => $2) THEN 1 ELSE t.hits + 1 END) - $3,
-                        20))::float8))
-                    ELSE NULL END
-            WHERE t.blocked_until IS NULL OR t.blocked_until <= now()
-            RETURNING hits
-        )
-        SELECT (SELECT hits FROM hit) AS hits,
-               coalesce((SELECT extract(epoch FROM blocked_until - now()) FROM throttles WHERE scope = $1), 0)::float8
-                   AS blocked_for
-        """,
-        scope, float(window), free, float(max_block),
-    )
-    assert row is not None
-    if row["hits"] is not None:
-        return 0.0
-    return max(float(row["blocked_for"]), 0.001)
 
 
 async def _status(conn: asyncpg.Connection | asyncpg.Pool, account_id: uuid.UUID) -> asyncpg.Record | None:
@@ -331,23 +297,12 @@ class TwoFactor:
 
     async def _reserve(self, account_id: uuid.UUID) -> None:
         s = self.s
-        wait = await _reserve_attempt(self.pool, self._scope(account_id), free=s.two_factor_free_failures,
-                                      window=s.two_factor_window, max_block=s.signin_max_block)
-        if wait > 0:
-            raise SignInThrottled(f"Too many wrong verification codes; try again in {int(wait) + 1} seconds",
-                                  retry_after=int(wait) + 1)
+        wait = await throttle.count_attempt(self.pool, self._scope(account_id), free=s.two_factor_free_failures,
+                                            window=s.two_factor_window, max_block=s.signin_max_block)
+        throttle.refuse_if_waiting(wait, SignInThrottled, "Too many wrong verification codes")
 
     async def _clear(self, account_id: uuid.UUID) -> None:
-        await self.pool.execute("DELETE FROM throttles WHERE scope = $1", self._scope(account_id))
-
-    async def check_sign_in(self, account: store.Account, code: str | None) -> bool:
-        """The sign-in's second factor: False when the account has none; else accepts the code or
-        raises (TwoFactorRequired, WrongVerificationCode, SignInThrottled). One query when off."""
-        row = await _status(self.pool, account.id)
-        if row is None or row["enabled_at"] is None:
-            return False
-        await self.verify(account, code, row=row)
-        return True
+        await throttle.clear(self.pool, self._scope(account_id))
 
     async def verify(self, account: store.Account, code: str | None, *, emit_recovery: bool = True,
                      row: asyncpg.Record | None = None) -> str:
@@ -383,10 +338,6 @@ class TwoFactor:
                     used_at=iso(utcnow())), key=str(account.id))
         await self._clear(account.id)
         return "recovery"
-
-    async def enabled(self, account_id: uuid.UUID) -> bool:
-        return bool(await self.pool.fetchval(
-            "SELECT 1 FROM two_factor WHERE account_id = $1 AND enabled_at IS NOT NULL", account_id))
 
     @staticmethod
     def split_appended(password: str) -> tuple[str, str] | None:

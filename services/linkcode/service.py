@@ -104,9 +104,7 @@ class LinkCodes:
         s = self.s
         scopes = [f"create:addr:{address}", f"create:client:{client}"]
         wait = await throttle.blocked_for(self.pool, scopes)
-        if wait > 0:
-            raise CreationThrottled(f"Too many codes requested; try again in {int(wait) + 1} seconds",
-                                    retry_after=int(wait) + 1)
+        throttle.refuse_if_waiting(wait, CreationThrottled, "Too many codes requested")
         await throttle.hit(self.pool, scopes[0], free=s.create_per_address, window=s.create_window,
                            max_block=s.create_window, growing=False)
         await throttle.hit(self.pool, scopes[1], free=s.create_per_client, window=s.create_window,
@@ -189,9 +187,7 @@ class LinkCodes:
         code up (atomic, so parallel guesses are held to the budget); a right code gives it back."""
         scopes = self._code_scopes(account_id, address)
         wait = await throttle.reserve(self.pool, scopes, window=self.s.code_attempt_window)
-        if wait > 0:
-            raise CodeBudgetExhausted(f"Too many wrong codes; try again in {int(wait) + 1} seconds",
-                                      retry_after=int(wait) + 1)
+        throttle.refuse_if_waiting(wait, CodeBudgetExhausted, "Too many wrong codes")
         return scopes
 
     async def _right(self, scopes: list[tuple[str, int]]) -> None:
