@@ -286,3 +286,39 @@ async def test_second_step_failing_inside_devicesession_succeeds_when_retried(st
         assert status == 303 and browser.session_cookie(), status
     finally:
         await browser.close()
+
+
+async def test_web_posts_failing_inside_auth_leave_nothing_and_succeed_when_retried(stack: Stack) -> None:
+    """The account pages that only call auth: one call, so a failure writes nothing; each answers
+    503 in its page's shape (HTML, or JSON for the passkey script) and works once auth is back."""
+    person = await sign_up(stack)
+    browser = Browser(stack)
+    try:
+        await browser.sign_in(person["username"])
+        csrf = await browser.csrf("/account")
+        forgot_csrf = await browser.csrf("/forgot")
+        change = {"currentPassword": PASSWORD, "password": PASSWORD + " again", "confirm": PASSWORD + " again"}
+        async with down(stack, "auth"):
+            for path, data in (("/account/password", change), ("/account/two-factor/start", {}),
+                               ("/account/passkeys/1/remove", {})):
+                status, text, r = await browser.post_with(csrf, path, data)
+                assert refused_page(status, text, r), (path, status, text)
+            status, text, r = await browser.post_with(forgot_csrf, "/forgot", {"email": person["email"]})
+            assert refused_page(status, text, r) and "sent" not in text.lower(), (status, text)
+            for path in ("/account/passkeys/options", "/signin/passkey/options"):
+                status, text, r = await browser.post_with(csrf, path, {})
+                assert status == 503 and r.content_type == "application/json" and '"error"' in text, (path, text)
+        # The password is unchanged: the old one still signs in.
+        assert (await sign_in(stack, person["username"]))[0] == 201
+        status, text, _ = await browser.post("/account/password", change, form="/account")
+        assert status == 200 and "Your password was changed." in text, text
+        status, text, _ = await browser.post("/account/two-factor/start", {}, form="/account")
+        assert status == 200 and 'name="secret"' in text, text
+        status, text, _ = await browser.post("/account/passkeys/1/remove", {}, form="/account")
+        assert status == 200 and "That passkey was already removed." in text, text
+        status, text, _ = await browser.post("/forgot", {"email": person["email"]})
+        assert status == 200, text
+        status, text, _ = await browser.post("/account/passkeys/options", {}, form="/account")
+        assert status == 200 and "challenge" in text, text
+    finally:
+        await browser.close()
