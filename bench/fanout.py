@@ -12,15 +12,18 @@ import asyncio
 import hashlib
 import time
 import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import asyncpg
-from aiokafka import AIOKafkaConsumer
+from aiokafka import ConsumerRecord, TopicPartition
 
 from bench.common import Row, bare_server, broker_round_trip, closed_loop, service_db, summary_ms
 from deploy.launcher import Stack
 from shared import tokens
+from shared.consumer import ConsumeLoop
 from shared.events import REVOCATIONS_APPLIED, Envelope, parse_time
 from shared.holder import HolderKit, holder_secret
 from shared.passwords import Passwords
@@ -74,8 +77,9 @@ async def seed(stack: Stack) -> dict[str, list[str]]:
     return plain
 
 
-async def warm_holders(stack: Stack, holders: list[str], token_sets: list[list[str]]) -> None:
-    """Every holder validates (and caches) every token that will be revoked."""
+async def warm_holders(stack: Stack, holders: Iterable[str], token_sets: list[list[str]]) -> None:
+    """Every instance of every holder validates (and caches) every token that will be revoked."""
+    ports = [p for h in holders for p in stack.holder_ports(h)]
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as http:
         sem = asyncio.Semaphore(48)
 
@@ -83,7 +87,83 @@ async def warm_holders(stack: Stack, holders: list[str], token_sets: list[list[s
             async with sem, http.get(f"http://127.0.0.1:{port}/library", headers={"X-Plex-Token": token}) as r:
                 assert r.status == 200, r.status
 
-        await asyncio.gather(*(get(stack.ports[f"holder:{h}"], t) for h in holders for ts in token_sets for t in ts))
+        await asyncio.gather(*(get(p, t) for p in ports for ts in token_sets for t in ts))
+
+
+Instance = tuple[str, str]  # (holder id, instance id), as a revocation.applied event names them
+
+
+def instances(stack: Stack, holders: Iterable[str]) -> set[Instance]:
+    """Every running instance of ``holders``."""
+    return {(h, stack.instance_id(k)) for h in holders for k in stack.holder_keys(h)}
+
+
+@dataclass(frozen=True)
+class Fanout:
+    """Per (revocation, holder instance) pair that was acknowledged: seconds from the password
+    change's response, and from its request, to that instance's ``revocation.applied``."""
+
+    from_response: list[float]
+    from_request: list[float]
+    missing: int
+    pairs: int
+
+
+async def change_and_wait(stack: Stack, plain: dict[str, list[str]], accounts: list[str],
+                          expected: set[Instance]) -> Fanout:
+    """Change the passwords of ``accounts`` with "sign out connected devices" (each keeps its first
+    token), then wait up to 30 s for every instance in ``expected`` to acknowledge each revocation."""
+    acks: dict[str, dict[Instance, float]] = {}
+
+    async def on_records(tp: TopicPartition, records: list[ConsumerRecord[Any, Any]]) -> None:
+        for rec in records:
+            env = Envelope.decode(rec.value)
+            who = (str(env.data["holder_id"]), str(env.data.get("instance_id", "")))
+            acks.setdefault(env.data["revocation_id"], {})[who] = parse_time(env.data["applied_at"]).timestamp()
+
+    loop = ConsumeLoop(bootstrap=stack.kafka_bootstrap, topics=[stack.topic_prefix + REVOCATIONS_APPLIED],
+                       on_records=on_records, fetch_max_wait_ms=20, poll_timeout_ms=100, name="bench-acks")
+    loop.start()
+    responses: dict[str, tuple[float, float]] = {}  # event id -> (request sent, response received), epoch
+    try:
+        await asyncio.wait_for(loop.started.wait(), 60)
+        async with aiohttp.ClientSession() as http:
+            # One change at a time: each costs two argon2 operations (both cores for ~60 ms); running
+            # them concurrently measures argon2 queueing on a 2-core machine, not the fan-out.
+            for a in accounts:
+                sent = time.time()
+                async with http.put(stack.edge_url + "/api/v2/user/password",
+                                    data={"currentPassword": PASSWORD, "password": PASSWORD + " new",
+                                          "signOutDevices": "true"},
+                                    headers={"X-Plex-Token": plain[a][0], "Accept": "application/json"}) as r:
+                    assert r.status == 204, await r.text()
+                    responses[r.headers["X-Hearth-Event-Id"]] = (sent, time.time())
+        ds = await asyncpg.connect(service_db(stack, "devicesession"))
+        try:
+            rows = await ds.fetch(
+                "SELECT id, causing_event_id FROM revocations WHERE causing_event_id = ANY($1::uuid[])",
+                [uuid.UUID(e) for e in responses])
+        finally:
+            await ds.close()
+        rev_to_event = {str(r["id"]): str(r["causing_event_id"]) for r in rows}
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not all(expected <= set(acks.get(r, {})) for r in rev_to_event):
+            await asyncio.sleep(0.2)
+    finally:
+        await loop.stop(wait=2)
+    from_response: list[float] = []
+    from_request: list[float] = []
+    missing = 0
+    for rid, eid in rev_to_event.items():
+        sent, answered = responses[eid]
+        for who in expected:
+            applied = acks.get(rid, {}).get(who)
+            if applied is None:
+                missing += 1
+                continue
+            from_response.append(max(0.0, applied - answered))
+            from_request.append(applied - sent)
+    return Fanout(from_response, from_request, missing, len(rev_to_event) * len(expected))
 
 
 async def run(stack: Stack) -> list[Row]:
@@ -91,67 +171,7 @@ async def run(stack: Stack) -> list[Row]:
     plain = await seed(stack)
     accounts = list(plain)[:CHANGES]
     await warm_holders(stack, holders, [plain[a][1:] for a in accounts])
-
-    acks: dict[str, dict[str, float]] = {}
-    consumer = AIOKafkaConsumer(stack.topic_prefix + REVOCATIONS_APPLIED, bootstrap_servers=stack.kafka_bootstrap,
-                                auto_offset_reset="latest", group_id=f"bench-acks-{uuid.uuid4().hex[:6]}",
-                                fetch_max_wait_ms=20)
-    await consumer.start()
-    await asyncio.sleep(1.5)
-
-    async def collect() -> None:
-        async for rec in consumer:
-            env = Envelope.decode(rec.value)
-            acks.setdefault(env.data["revocation_id"], {})[env.data["holder_id"]] = \
-                parse_time(env.data["applied_at"]).timestamp()
-
-    collector = asyncio.create_task(collect())
-    responses: dict[str, tuple[float, float]] = {}  # event id -> (request sent, response received), epoch
-    event_of: dict[str, str] = {}
-    async with aiohttp.ClientSession() as http:
-        # One change at a time: each costs two argon2 operations (both cores for ~60 ms); running them
-        # concurrently measures argon2 queueing on a 2-core machine, not the fan-out.
-        sem = asyncio.Semaphore(1)
-
-        async def change(account: str) -> None:
-            async with sem:
-                sent = time.time()
-                async with http.put(stack.edge_url + "/api/v2/user/password",
-                                    data={"currentPassword": PASSWORD, "password": PASSWORD + " new",
-                                          "signOutDevices": "true"},
-                                    headers={"X-Plex-Token": plain[account][0], "Accept": "application/json"}) as r:
-                    assert r.status == 204, await r.text()
-                    responses[r.headers["X-Hearth-Event-Id"]] = (sent, time.time())
-                    event_of[account] = r.headers["X-Hearth-Event-Id"]
-
-        await asyncio.gather(*(change(a) for a in accounts))
-    ds = await asyncpg.connect(service_db(stack, "devicesession"))
-    try:
-        rows = await ds.fetch("SELECT id, causing_event_id FROM revocations WHERE causing_event_id = ANY($1::uuid[])",
-                              [uuid.UUID(e) for e in responses])
-    finally:
-        await ds.close()
-    rev_to_event = {str(r["id"]): str(r["causing_event_id"]) for r in rows}
-    expected = set(holders)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if all(expected <= set(acks.get(r, {})) for r in rev_to_event):
-            break
-        await asyncio.sleep(0.2)
-    collector.cancel()
-    await consumer.stop()
-    from_response: list[float] = []
-    from_request: list[float] = []
-    missing = 0
-    for rid, eid in rev_to_event.items():
-        sent, answered = responses[eid]
-        for h in expected:
-            applied = acks.get(rid, {}).get(h)
-            if applied is None:
-                missing += 1
-                continue
-            from_response.append(max(0.0, applied - answered))
-            from_request.append(applied - sent)
+    fan = await change_and_wait(stack, plain, accounts, instances(stack, holders))
     # correctness spot check: old tokens are refused by every holder, the kept one accepted
     async with aiohttp.ClientSession() as http:
         for a in accounts[:5]:
@@ -162,8 +182,8 @@ async def run(stack: Stack) -> list[Row]:
                 async with http.get(f"http://127.0.0.1:{port}/library", headers={"X-Plex-Token": plain[a][0]}) as r:
                     assert r.status == 200
     ref = summary_ms(await broker_round_trip(stack.kafka_bootstrap))
-    resp = summary_ms(from_response)
-    req = summary_ms(from_request)
+    resp = summary_ms(fan.from_response)
+    req = summary_ms(fan.from_request)
     ref_name = "broker produce->consume"
     rows_out = [
         Row(NAME, f"response->holder evicted p50 ({len(holders)} holders)", resp["p50"], "ms", ref_name + " p50",
@@ -172,8 +192,7 @@ async def run(stack: Stack) -> list[Row]:
         Row(NAME, "response->holder evicted p99", resp["p99"], "ms", ref_name + " p99", ref["p99"], "p99 < 100 ms"),
         Row(NAME, "response->holder evicted max", resp["max"], "ms", ref_name + " max", ref["max"]),
         Row(NAME, "request sent->holder evicted p99", req["p99"], "ms", ref_name + " p99", ref["p99"]),
-        Row(NAME, f"(revocation, holder) pairs missing of {len(rev_to_event) * len(expected)}", float(missing), "",
-            goal="0"),
+        Row(NAME, f"(revocation, holder) pairs missing of {fan.pairs}", float(fan.missing), "", goal="0"),
     ]
     rows_out += await introspection_rows(stack, plain)
     rows_out += await kit_rows(stack, plain)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import re
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -40,6 +41,7 @@ from shared.crypto import Sealer, SealError
 from shared.errors import Unavailable, ValidationFailed
 from shared.events import (
     DeviceCodeApproved,
+    Event,
     PinLinked,
     ServerClaimed,
     SessionsRevoked,
@@ -250,23 +252,18 @@ class LinkCodes:
         kind, obj = await self._find_for(raw, account_id, address, client)
         acct = uuid.UUID(account_id)
         if kind == "device_code":
-            async with self.pool.acquire() as conn:
-                if deny:
+            if deny:
+                async with self.pool.acquire() as conn:
                     if not await store.deny_device_code(conn, obj["id"], acct):
                         raise CodeNotFound()
-                    return kind
-            minted = await self._mint(acct, {"client_identifier": f"oauth:{obj['client_id']}"[:255],
-                                             "product": obj["client_id"], "device_name": obj["client_id"]})
-            async with self.pool.acquire() as conn, conn.transaction():
-                sealed = self.sealer.seal(minted["token"], context=f"device_code:{obj['id']}")
-                if not await store.approve_device_code(conn, obj["id"], acct, uuid.UUID(minted["session_id"]),
-                                                       sealed):
-                    await self._revoke(minted)
-                    raise CodeNotFound()
-                await outbox.add(conn, self.topic, envelope(
-                    DeviceCodeApproved(account_id=account_id, client_id=obj["client_id"],
-                                       device_name=obj["client_id"], approved_at=iso(utcnow())),
-                    producer=PRODUCER, key=account_id))
+                return kind
+            client_id = obj["client_id"]
+            await self._mint_and_bind(
+                acct, {"client_identifier": f"oauth:{client_id}"[:255], "product": client_id, "device_name": client_id},
+                f"device_code:{obj['id']}",
+                lambda conn, session_id, sealed: store.approve_device_code(conn, obj["id"], acct, session_id, sealed),
+                lambda minted: DeviceCodeApproved(account_id=account_id, client_id=client_id, device_name=client_id,
+                                                  approved_at=iso(utcnow())))
             return kind
         pin: store.Pin = obj
         if deny and client is None:
@@ -276,19 +273,40 @@ class LinkCodes:
                 raise CodeNotFound()
             return kind
         d = pin.device
-        minted = await self._mint(acct, {"client_identifier": pin.client_identifier, **d})
-        async with self.pool.acquire() as conn, conn.transaction():
-            sealed = self.sealer.seal(minted["token"], context=f"pin:{pin.id}")
-            if not await store.link_pin(conn, pin.id, acct, uuid.UUID(minted["session_id"]), sealed):
-                await self._revoke(minted)
-                raise CodeNotFound()
-            await outbox.add(conn, self.topic, envelope(
-                PinLinked(account_id=account_id, device_id=str(minted["device_id"]),
-                          client_identifier=pin.client_identifier, product=d.get("product", ""),
-                          device_name=d.get("device_name", "") or d.get("device", ""),
-                          platform=d.get("platform", ""), linked_at=iso(utcnow())),
-                producer=PRODUCER, key=account_id))
+        await self._mint_and_bind(
+            acct, {"client_identifier": pin.client_identifier, **d}, f"pin:{pin.id}",
+            lambda conn, session_id, sealed: store.link_pin(conn, pin.id, acct, session_id, sealed),
+            lambda minted: PinLinked(account_id=account_id, device_id=str(minted["device_id"]),
+                                     client_identifier=pin.client_identifier, product=d.get("product", ""),
+                                     device_name=d.get("device_name", "") or d.get("device", ""),
+                                     platform=d.get("platform", ""), linked_at=iso(utcnow())))
         return kind
+
+    async def _mint_and_bind(self, account_id: uuid.UUID, device: dict[str, Any], context: str,
+                             bind: Callable[[asyncpg.Connection, uuid.UUID, str], Awaitable[bool]],
+                             event: Callable[[dict[str, Any]], Event]) -> None:
+        """Mint a session for ``device`` and bind it, its token sealed under ``context``, to a code:
+        ``bind`` stores the session and the sealed token on the code (false when the code was taken
+        meanwhile), in one transaction with ``event``. The session exists only bound to its code: if
+        the code is gone or anything after the mint fails, it is revoked again (a gone code answers
+        'not found'), so a failed approval leaves no live session behind and the code stays usable."""
+        async with self._minted(account_id, device) as minted, self.pool.acquire() as conn, conn.transaction():
+            sealed = self.sealer.seal(minted["token"], context=context)
+            if not await bind(conn, uuid.UUID(minted["session_id"]), sealed):
+                raise CodeNotFound()
+            await outbox.add(conn, self.topic, envelope(event(minted), producer=PRODUCER, key=str(account_id)))
+
+    @contextlib.asynccontextmanager
+    async def _minted(self, account_id: uuid.UUID, device: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """A session minted for ``device`` by devicesession, revoked again if the block fails (what
+        it was minted for did not happen, so it must not stay live)."""
+        minted = await self._mint(account_id, device)
+        try:
+            yield minted
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self._revoke(minted)
+            raise
 
     async def _mint(self, account_id: uuid.UUID, device: dict[str, Any]) -> dict[str, Any]:
         provides = str(device.get("provides") or "")
@@ -388,8 +406,7 @@ class LinkCodes:
             if session_token is None or await self._introspect(session_token) is None:
                 raise InvalidClaim()
             account_id: uuid.UUID = row["account_id"]
-            minted = await self._mint(account_id, {**device, "public_address": address})
-            try:
+            async with self._minted(account_id, {**device, "public_address": address}) as minted:
                 account = await self.auth.call("GET", f"/internal/accounts/{account_id}")
                 await store.use_claim(conn, token_hmac)
                 await outbox.add(conn, self.topic, envelope(
@@ -398,10 +415,6 @@ class LinkCodes:
                                   name=info.device_name or info.device or info.product or "server",
                                   platform=info.platform or "", claimed_at=iso(utcnow())),
                     producer=PRODUCER, key=str(account_id)))
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    await self._revoke(minted)
-                raise
         return account, str(minted["token"])
 
     async def _introspect(self, token: str) -> Principal | None:

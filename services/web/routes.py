@@ -260,8 +260,12 @@ async def signout(request: web.Request) -> web.Response:
     if token:
         try:
             await request.app[AUTH].request("DELETE", "/api/v2/users/signout", headers={"X-Plex-Token": token})
-        except HearthError:
-            pass  # already invalid: the cookie goes anyway
+        except HearthError as err:
+            # Already invalid: the cookie goes anyway. Anything else (a service down) means the
+            # session still lives, so the browser keeps its cookie and is told to try again, rather
+            # than shown "signed out" while its session stays usable.
+            if err.status != 401:
+                raise
         request.app[HOLDER].forget(token)
     response = web.HTTPSeeOther("/signin")
     response.del_cookie(SESSION_COOKIE, path="/")
@@ -326,43 +330,72 @@ def _when(value: str) -> str:
 
 async def _account_context(request: web.Request, principal: Principal, token: str) -> dict[str, Any]:
     user = await request.app[AUTH].call("GET", "/api/v2/user", headers={"X-Plex-Token": token})
-    listing = await request.app[DEVICESESSION].call(
-        "GET", f"/internal/accounts/{principal.account_id}/devices?session_id={principal.session_id}")
-    devices = [{**d, "last_seen": _when(d["last_seen_at"])} for d in listing["devices"]]
+    devices: list[dict[str, Any]] | None = None  # None: the list could not be read just now
+    try:
+        listing = await request.app[DEVICESESSION].call(
+            "GET", f"/internal/accounts/{principal.account_id}/devices?session_id={principal.session_id}")
+        devices = [{**d, "last_seen": _when(d["last_seen_at"])} for d in listing["devices"]]
+    except HearthError as err:
+        # The page still shows what the action just did (one-time recovery codes above all) when
+        # devicesession cannot list the devices; the list says so instead.
+        if err.status < 500:
+            raise
     from services.web import two_factor_pages
 
     return {"user": user, "devices": devices, **await two_factor_pages.account_extras(request, principal)}
 
 
+async def account_view(request: web.Request, principal: Principal, token: str, status: int = 200,
+                       **extra: Any) -> web.Response:
+    """The /account page, with ``extra`` (a notice, errors, a one-time enrollment) on top."""
+    context = await _account_context(request, principal, token)
+    return page(request, "account.html", {**context, **extra}, status=status)
+
+
 async def account_page(request: web.Request) -> web.Response:
     principal, token = await require(request)
-    return page(request, "account.html", await _account_context(request, principal, token))
+    return await account_view(request, principal, token)
 
 
-async def remove_device(request: web.Request) -> web.Response:
+async def remove_from_account(request: web.Request, client: web.AppKey[InternalClient], collection: str,
+                              item_id: str, done: str, gone: str) -> web.Response:
+    """Remove one of the signed-in account's numbered items (``/internal/accounts/<id>/<collection>/
+    <item_id>`` of ``client``) and show /account saying so. Removing is idempotent: an item already
+    gone, or never there, says ``gone`` rather than an error page, so a retried removal answers
+    plainly; any other failure is the error page, and nothing was removed."""
     principal, token = await require(request)
     await check_csrf(request)
-    raw = request.match_info["device_id"]
-    notice, kind = "That device was already removed.", "bad"
-    if raw.isdigit() and len(raw) < 18:
+    notice, kind = gone, "bad"
+    if item_id.isdigit() and len(item_id) < 18:
         try:
-            await request.app[DEVICESESSION].call("DELETE", f"/internal/accounts/{principal.account_id}/devices/{raw}")
-            notice, kind = "The device was removed and signed out.", "ok"
+            path = f"/internal/accounts/{principal.account_id}/{collection}/{item_id}"
+            await request.app[client].call("DELETE", path)
+            notice, kind = done, "ok"
         except HearthError as err:
             if err.status != 404:
                 raise
-    return page(request, "account.html", {**await _account_context(request, principal, token), "notice": notice,
-                                          "notice_kind": kind})
+    return await account_view(request, principal, token, notice=notice, notice_kind=kind)
+
+
+async def remove_device(request: web.Request) -> web.Response:
+    return await remove_from_account(request, DEVICESESSION, "devices", request.match_info["device_id"],
+                                     "The device was removed and signed out.", "That device was already removed.")
 
 
 async def signout_others(request: web.Request) -> web.Response:
     principal, token = await require(request)
     await check_csrf(request)
+    n = await revoke_others(request, principal)
+    return await account_view(request, principal, token,
+                              notice=f"{n} other session{'' if n == 1 else 's'} signed out.")
+
+
+async def revoke_others(request: web.Request, principal: Principal) -> int:
+    """Sign out every session of the account but this one; returns how many were signed out."""
     result = await request.app[DEVICESESSION].call("POST", "/internal/sessions/revoke", {
         "account_id": principal.account_id, "except_session_id": principal.session_id, "cause": "signout_all"})
-    n = result["revoked"]
-    notice = f"{n} other session{'' if n == 1 else 's'} signed out."
-    return page(request, "account.html", {**await _account_context(request, principal, token), "notice": notice})
+    n: int = result["revoked"]
+    return n
 
 
 async def change_password(request: web.Request) -> web.Response:
@@ -389,9 +422,8 @@ async def change_password(request: web.Request) -> web.Response:
                 errors = {"password": err.detail}
             else:
                 notice, kind = _wait_message(err), "bad"
-    context = await _account_context(request, principal, token)
-    return page(request, "account.html", {**context, "errors": errors, "notice": notice, "notice_kind": kind},
-                status=400 if errors else 200)
+    return await account_view(request, principal, token, 400 if errors else 200, errors=errors, notice=notice,
+                              notice_kind=kind)
 
 
 async def link_page(request: web.Request) -> web.Response:

@@ -22,7 +22,7 @@ import segno
 from aiohttp import web
 
 from services.web import routes
-from services.web.routes import AUTH, DEVICESESSION, check_csrf, page, require
+from services.web.routes import AUTH, account_view, check_csrf, page, remove_from_account, require
 from shared.app import client_address
 from shared.errors import HearthError
 from shared.holder import Principal
@@ -50,12 +50,6 @@ async def account_extras(request: web.Request, principal: Principal) -> dict[str
     return {"two_factor": tf, "passkeys": keys}
 
 
-async def _account(request: web.Request, principal: Principal, token: str, status: int = 200,
-                   **extra: Any) -> web.Response:
-    context = await routes._account_context(request, principal, token)
-    return page(request, "account.html", {**context, **extra}, status=status)
-
-
 def _headers(request: web.Request, token: str) -> dict[str, str]:
     return {"X-Plex-Token": token, "X-Forwarded-For": client_address(request)}
 
@@ -76,10 +70,10 @@ async def start(request: web.Request) -> web.Response:
     try:
         data = await request.app[AUTH].call("POST", "/api/v2/user/two-factor.json", headers=_headers(request, token))
     except HearthError as err:
-        return await _account(request, principal, token, err.status, notice=routes._wait_message(err),
-                              notice_kind="bad")
+        return await account_view(request, principal, token, err.status, notice=routes._wait_message(err),
+                                  notice_kind="bad")
     user = await request.app[AUTH].call("GET", "/api/v2/user", headers={"X-Plex-Token": token})
-    return await _account(request, principal, token, enrollment=_enrollment(data["secret"], user["username"]))
+    return await account_view(request, principal, token, enrollment=_enrollment(data["secret"], user["username"]))
 
 
 async def confirm(request: web.Request) -> web.Response:
@@ -99,15 +93,24 @@ async def confirm(request: web.Request) -> web.Response:
             extra["enrollment"] = _enrollment(secret, user["username"])
         else:
             extra = {"notice": message, "notice_kind": "bad"}
-        return await _account(request, principal, token, 400 if err.status < 500 else err.status, **extra)
+        return await account_view(request, principal, token, 400 if err.status < 500 else err.status, **extra)
     notice = "Two-step verification is on. Save your recovery codes now: they are shown only once."
+    status, kind = 200, "ok"
     if form.get("signOutOthers") == "true":
-        result = await request.app[DEVICESESSION].call("POST", "/internal/sessions/revoke", {
-            "account_id": principal.account_id, "except_session_id": principal.session_id,
-            "cause": "signout_all"})
-        n = result["revoked"]
-        notice += f" {n} other session{'' if n == 1 else 's'} signed out."
-    return await _account(request, principal, token, notice=notice, **_codes(data["recoveryCodes"]))
+        # Two-step verification is on by now, and its recovery codes can be shown only on this
+        # answer: a failure to sign the other sessions out must not lose them. The page says what
+        # did not happen and how to do it again (the button is idempotent).
+        try:
+            n = await routes.revoke_others(request, principal)
+            notice += f" {n} other session{'' if n == 1 else 's'} signed out."
+        except HearthError as err:
+            if err.status < 500:
+                raise
+            notice += (" The other sessions could not be signed out just now: use \"Sign out all other devices\""
+                       " in a moment.")
+            status, kind = err.status, "bad"
+    return await account_view(request, principal, token, status, notice=notice, notice_kind=kind,
+                              **_codes(data["recoveryCodes"]))
 
 
 async def _with_password_and_code(request: web.Request, method: str, path: str, done: str) -> web.Response:
@@ -123,11 +126,11 @@ async def _with_password_and_code(request: web.Request, method: str, path: str, 
         elif err.status == 401:
             errors = {"tf_password": "The password is wrong."}
         else:
-            return await _account(request, principal, token, err.status, notice=routes._wait_message(err),
-                                  notice_kind="bad")
-        return await _account(request, principal, token, 400, errors=errors)
+            return await account_view(request, principal, token, err.status, notice=routes._wait_message(err),
+                                      notice_kind="bad")
+        return await account_view(request, principal, token, 400, errors=errors)
     extra = _codes(data["recoveryCodes"]) if data and "recoveryCodes" in data else {}
-    return await _account(request, principal, token, notice=done, **extra)
+    return await account_view(request, principal, token, notice=done, **extra)
 
 
 async def disable(request: web.Request) -> web.Response:
@@ -207,18 +210,9 @@ async def passkey_register(request: web.Request) -> web.Response:
 
 
 async def passkey_remove(request: web.Request) -> web.Response:
-    principal, token = await require(request)
-    await check_csrf(request)
-    raw = request.match_info["passkey_id"]
-    notice, kind = "That passkey was already removed.", "bad"
-    if raw.isdigit() and len(raw) < 18:
-        try:
-            await request.app[AUTH].call("DELETE", f"/internal/accounts/{principal.account_id}/passkeys/{raw}")
-            notice, kind = "The passkey was removed; it no longer signs you in.", "ok"
-        except HearthError as err:
-            if err.status != 404:
-                raise
-    return await _account(request, principal, token, notice=notice, notice_kind=kind)
+    return await remove_from_account(request, AUTH, "passkeys", request.match_info["passkey_id"],
+                                     "The passkey was removed; it no longer signs you in.",
+                                     "That passkey was already removed.")
 
 
 async def passkey_signin_options(request: web.Request) -> web.Response:
