@@ -27,9 +27,10 @@ import hmac
 import re
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import quote
 
 import asyncpg
@@ -53,6 +54,7 @@ from shared.events import (
 if TYPE_CHECKING:
     from services.auth.service import Auth
 
+T = TypeVar("T")
 STEP = 30
 DIGITS = 6
 ISSUER = "Hearth"
@@ -305,9 +307,11 @@ class TwoFactor:
         await throttle.clear(self.pool, self._scope(account_id))
 
     async def verify(self, account: store.Account, code: str | None, *, emit_recovery: bool = True,
-                     row: asyncpg.Record | None = None) -> str:
+                     row: asyncpg.Record | None = None, conn: asyncpg.Connection | None = None) -> str:
         """Accept a current TOTP code (once per time step) or an unused recovery code; returns
-        ``totp`` or ``recovery``. Raises TwoFactorRequired, WrongVerificationCode, SignInThrottled."""
+        ``totp`` or ``recovery``. Raises TwoFactorRequired, WrongVerificationCode, SignInThrottled.
+        With ``conn`` (in a transaction), the code is used up in that transaction: if it rolls back,
+        the code can be used again."""
         code = (code or "").strip()
         if not code:
             raise TwoFactorRequired()
@@ -324,20 +328,26 @@ class TwoFactor:
             except SealError:
                 raise WrongVerificationCode() from None  # a key was removed from TWO_FACTOR_SEAL_KEYS
             step = matching_step(secret, compact)
-            if step is None or not await _use_step(self.pool, account.id, step):
+            if step is None or not await _use_step(conn or self.pool, account.id, step):
                 raise WrongVerificationCode()
             await self._clear(account.id)
             return "totp"
-        async with self.pool.acquire() as conn, conn.transaction():
-            left = await _redeem_recovery(conn, account.id, self._recovery_hmac(account.id, code))
-            if left is None:
-                raise WrongVerificationCode()
-            if emit_recovery:
-                await events.publish(conn, self.auth.topics.auth_events, TwoFactorRecoveryCodeUsed(
-                    account_id=str(account.id), email=account.email, username=account.username, codes_left=left,
-                    used_at=iso(utcnow())), key=str(account.id))
+        if conn is not None:
+            await self._redeem(conn, account, code, emit_recovery)
+        else:
+            async with self.pool.acquire() as own, own.transaction():
+                await self._redeem(own, account, code, emit_recovery)
         await self._clear(account.id)
         return "recovery"
+
+    async def _redeem(self, conn: asyncpg.Connection, account: store.Account, code: str, emit: bool) -> None:
+        left = await _redeem_recovery(conn, account.id, self._recovery_hmac(account.id, code))
+        if left is None:
+            raise WrongVerificationCode()
+        if emit:
+            await events.publish(conn, self.auth.topics.auth_events, TwoFactorRecoveryCodeUsed(
+                account_id=str(account.id), email=account.email, username=account.username, codes_left=left,
+                used_at=iso(utcnow())), key=str(account.id))
 
     @staticmethod
     def split_appended(password: str) -> tuple[str, str] | None:
@@ -356,22 +366,22 @@ class TwoFactor:
             float(self.s.pending_signin_ttl))
         return token
 
-    async def finish_pending(self, token: str | None, code: str | None) -> tuple[store.Account, bool]:
-        """Check the second factor of a pending sign-in and consume it (once)."""
+    async def finish_pending(self, token: str | None, code: str | None,
+                             then: Callable[[store.Account, bool], Awaitable[T]]) -> T:
+        """Check the second factor of a pending sign-in and use both up, once, in one transaction with
+        ``then(account, remember)`` (the session's mint): if the mint fails, the pending sign-in and
+        the code stay usable and the same step can be retried."""
         if not token or len(token) > 100:
             raise PendingSigninInvalid()
         token_hmac = tokens.digest(self.key, token, purpose="pending-signin")
-        row = await self.pool.fetchrow(
-            "SELECT account_id, remember FROM pending_signins WHERE token_hmac = $1 AND used_at IS NULL"
-            " AND expires_at > now()", token_hmac)
-        account = await store.find_by_id(self.pool, row["account_id"]) if row else None
-        if row is None or account is None:
-            raise PendingSigninInvalid()
-        await self.verify(account, code)
-        done = await self.pool.fetchval(
-            "UPDATE pending_signins SET used_at = now() WHERE token_hmac = $1 AND used_at IS NULL"
-            " AND expires_at > now() RETURNING 1", token_hmac)
-        if not done:
-            raise PendingSigninInvalid()
-        return account, bool(row["remember"])
+        async with self.pool.acquire() as conn, conn.transaction():
+            # Taking the row first makes a second submission of the same step wait for this one.
+            row = await conn.fetchrow(
+                "UPDATE pending_signins SET used_at = now() WHERE token_hmac = $1 AND used_at IS NULL"
+                " AND expires_at > now() RETURNING account_id, remember", token_hmac)
+            account = await store.find_by_id(conn, row["account_id"]) if row else None
+            if row is None or account is None:
+                raise PendingSigninInvalid()
+            await self.verify(account, code, conn=conn)
+            return await then(account, bool(row["remember"]))
 

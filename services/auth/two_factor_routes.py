@@ -133,13 +133,15 @@ async def internal_second_factor(request: web.Request) -> web.Response:
     if not await plex.param(request, "X-Plex-Client-Identifier"):
         raise MissingClientIdentifier()
     pending, code = body.get("pending"), body.get("code")
-    account, remember = await _tf(request).finish_pending(str(pending) if pending else None,
-                                                          str(code) if code else None)
-    if account.reset_required_at is not None:
-        from services.auth.errors import ResetRequired
 
-        raise ResetRequired()
-    return await _session(request, account, remember)
+    async def mint(account: store.Account, remember: bool) -> web.Response:
+        if account.reset_required_at is not None:
+            from services.auth.errors import ResetRequired
+
+            raise ResetRequired()
+        return await _session(request, account, remember)
+
+    return await _tf(request).finish_pending(str(pending) if pending else None, str(code) if code else None, mint)
 
 
 def setup(app: web.Application) -> None:

@@ -260,10 +260,6 @@ def _code_at(secret: str, offset: int) -> str:
     return totp.generate_otp(int(time.time() // 30) + offset)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "auth consumes the pending sign-in and the code's time step (services/auth/two_factor.py, "
-    "finish_pending) before devicesession mints the session, so a sign-in whose mint fails cannot "
-    "be retried with the same code; the fix belongs in auth's two-factor code"))
 async def test_second_step_failing_inside_devicesession_succeeds_when_retried(stack: Stack) -> None:
     person = await sign_up(stack)
     _, body, _ = await sign_in(stack, person["username"], client=f"tf-{uuid.uuid4().hex[:6]}")
