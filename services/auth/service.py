@@ -232,10 +232,12 @@ class Auth:
         retry = await self.passwords.verify(account.password_hash, split[0])
         return (split[0], split[1], retry) if retry.ok else (password, None, result)
 
-    async def confirm_password(self, account: store.Account, password: str | None, address: str) -> None:
-        """The current password for a sensitive change, throttled like sign-in (the same reservations)."""
+    async def confirm_password(self, account: store.Account, password: str | None, address: str, *,
+                               field: str = "password", wrong: str = "the password is wrong") -> None:
+        """The current password for a sensitive change, throttled like sign-in (the same reservations);
+        a wrong one raises BadCredentials(``wrong``) on ``field``."""
         if not password or len(password) > MAX_PASSWORD:
-            raise BadCredentials("the password is wrong", field="password")
+            raise BadCredentials(wrong, field=field)
         scopes = self._signin_scopes(account, account.username.lower(), address)
         await self._reserve(scopes)
         try:
@@ -245,7 +247,7 @@ class Auth:
             raise
         if not ok:
             await self._failed(scopes)
-            raise BadCredentials("the password is wrong", field="password")
+            raise BadCredentials(wrong, field=field)
         await self._succeeded(scopes)
 
     # ------------------------------------------------------------------ reset by email
@@ -322,19 +324,8 @@ class Auth:
         account = await store.find_by_id(self.pool, account_id)
         if account is None:
             raise BadCredentials()
-        if not current or len(current) > MAX_PASSWORD:
-            raise BadCredentials("the current password is wrong", field="currentPassword")
-        scopes = self._signin_scopes(account, account.username.lower(), address)
-        await self._reserve(scopes)
-        try:
-            ok = (await self.passwords.verify(account.password_hash, current)).ok
-        except BaseException:
-            await throttle.release(self.pool, scopes)
-            raise
-        if not ok:
-            await self._failed(scopes)
-            raise BadCredentials("the current password is wrong", field="currentPassword")
-        await self._succeeded(scopes)
+        await self.confirm_password(account, current, address, field="currentPassword",
+                                    wrong="the current password is wrong")
         check_password(password, email=account.email, username=account.username)
         assert password is not None
         new_hash = await self.passwords.hash(password)
