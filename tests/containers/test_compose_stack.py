@@ -22,7 +22,7 @@ from plexapi.myplex import MyPlexAccount, MyPlexPinLogin
 
 from hearth_testing.client import Account, HearthStack
 from hearth_testing.compose import ComposeStack
-from shared.events import ALL_TOPICS
+from shared.events import ALL_TOPICS, SESSIONS_REVOKED
 from tests.conftest import eventually
 from tests.plexclient import plex_session
 
@@ -153,19 +153,25 @@ async def test_compose_sign_out_reaches_every_holder_instance_with_one_broker_st
     ports = holder_ports(compose)
     for port in ports:
         assert await library_status(port, held) == 200
-    compose.run("stop", "--timeout", "20", "kafka-2")
-    try:
-        took = await sign_out_everywhere(stack, account, held, ports, timeout=60)
-        print(f"compose: with kafka-2 stopped, sign-out applied by all {len(ports)} holder instances "
-              f"within {took * 1000:.0f} ms")
-    finally:
-        compose.run("start", "kafka-2")
-    # the broker is back: all three are registered again
     admin = AIOKafkaAdminClient(bootstrap_servers=compose.kafka_bootstrap, request_timeout_ms=15_000)
     await admin.start()
     try:
-        async def three_brokers() -> bool:
+        async def leaders() -> set[int]:
+            [meta] = await admin.describe_topics([SESSIONS_REVOKED])
+            return {p["leader"] for p in meta["partitions"]}
+
+        assert 2 in await leaders(), "kafka-2 leads some partitions of sessions.revoked"
+        compose.run("stop", "--timeout", "20", "kafka-2")
+        try:
+            took = await sign_out_everywhere(stack, account, held, ports, timeout=60)
+            print(f"compose: with kafka-2 stopped, sign-out applied by all {len(ports)} holder instances "
+                  f"within {took * 1000:.0f} ms")
+        finally:
+            compose.run("start", "kafka-2")
+
+        async def three_brokers() -> bool:  # the broker is back and registered again
             return len((await admin.describe_cluster())["brokers"]) == 3
+
         await eventually(three_brokers, timeout=90, interval=1)
     finally:
         await admin.close()
