@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import KafkaError
 from plexapi.myplex import MyPlexAccount, MyPlexPinLogin
 
 from hearth_testing.client import Account, HearthStack
@@ -169,9 +170,14 @@ async def test_compose_sign_out_reaches_every_holder_instance_with_one_broker_st
         finally:
             compose.run("start", "kafka-2")
 
-        async def three_brokers() -> bool:  # the broker is back and registered again
-            return len((await admin.describe_cluster())["brokers"]) == 3
+        async def recovered() -> bool:  # the broker is back, registered, and in sync again
+            try:
+                [meta] = await admin.describe_topics([SESSIONS_REVOKED])
+                return (len((await admin.describe_cluster())["brokers"]) == 3
+                        and all(len(p["isr"]) == 3 for p in meta["partitions"]))
+            except KafkaError:  # the client may ask the restarted broker before it listens again
+                return False
 
-        await eventually(three_brokers, timeout=90, interval=1)
+        await eventually(recovered, timeout=90, interval=1)
     finally:
         await admin.close()
