@@ -1,7 +1,14 @@
-"""Writes the env file of deploy/compose.yaml: generated secrets and the ports of every piece.
+"""Writes the env file of deploy/compose.yaml: generated secrets, the Kafka cluster id and the ports
+of every piece of the cluster topology.
 
     python -m deploy.compose_env deploy/compose.env              # free ports (nothing collides)
-    python -m deploy.compose_env deploy/compose.env --fixed      # make run's ports (8080, 8101...)
+    python -m deploy.compose_env deploy/compose.env --fixed      # make run TOPOLOGY=cluster's ports
+
+Port variables are named after the launcher's port keys: ``AUTH_PORT`` and ``AUTH_2_PORT`` for the
+two replicas of auth, ``AUTH_LB_PORT`` for its internal balancer (served by the edge container),
+``KAFKA_PORT``/``KAFKA_2_PORT``/``KAFKA_3_PORT`` and ``KAFKA_CONTROLLER_PORT``... for the brokers,
+``HOLDER_BASEMENT_2_PORT`` for the second instance of the basement holder, ``PG_PORT``,
+``SMTP_PORT``, ``EDGE_PORT``.
 
 An existing file keeps its secrets (so a second `up` can still read the first one's data) and gets
 any missing ones added; the file is mode 0600 and is never committed (.gitignore).
@@ -13,11 +20,29 @@ import argparse
 import secrets
 from pathlib import Path
 
-from deploy.launcher import SERVICES, free_port, load_or_create_secrets
+from deploy.launcher import default_ports, free_port, load_or_create_secrets, new_kafka_cluster_id
 
-FIXED = {"EDGE_PORT": 8080, "PG_PORT": 55432, "KAFKA_PORT": 59092, "KAFKA_CONTROLLER_PORT": 59093, "SMTP_PORT": 1025,
-         "HOLDER_LIVING_ROOM_PORT": 8201, "HOLDER_BASEMENT_PORT": 8202,
-         **{f"{name.upper()}_PORT": port for name, port in SERVICES.items()}}
+# The topology of deploy/compose.yaml, the same as the launcher's cluster topology.
+BROKERS = 3
+REPLICAS = 2
+HOLDERS = ("living-room", "basement")
+HOLDER_INSTANCES = 2
+
+
+def env_name(key: str) -> str:
+    """The env file's variable for a launcher port key: ``auth#2`` -> ``AUTH_2_PORT``,
+    ``lb:auth`` -> ``AUTH_LB_PORT``, ``holder:living-room#2`` -> ``HOLDER_LIVING_ROOM_2_PORT``."""
+    if key == "postgres":
+        return "PG_PORT"
+    base, _, replica = key.partition("#")
+    if base.startswith("lb:"):
+        base = base.removeprefix("lb:") + "_lb"
+    base = base.replace("holder:", "holder_").replace("-", "_").upper()
+    return f"{base}_{replica}_PORT" if replica else f"{base}_PORT"
+
+
+FIXED = {env_name(k): port for k, port in default_ports(brokers=BROKERS, replicas=REPLICAS, holders=HOLDERS,
+                                                         holder_instances=HOLDER_INSTANCES).items()}
 
 
 def write(path: Path, *, fixed: bool = False) -> dict[str, str]:
@@ -25,6 +50,8 @@ def write(path: Path, *, fixed: bool = False) -> dict[str, str]:
     extra = {k: str(v if fixed else free_port()) for k, v in FIXED.items() if k not in values}
     if "POSTGRES_PASSWORD" not in values:
         extra["POSTGRES_PASSWORD"] = secrets.token_urlsafe(24)
+    if "KAFKA_CLUSTER_ID" not in values:  # every broker is formatted with it, once
+        extra["KAFKA_CLUSTER_ID"] = new_kafka_cluster_id()
     if extra:
         values.update(extra)
         path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))

@@ -447,14 +447,19 @@ class Kafka:
         self.wait()
 
 
-def kafka_cluster_id(run_dir: Path) -> str:
-    """One cluster id for every node of the run's cluster, kept beside it (KRaft wants 22 base64 chars)."""
+def new_kafka_cluster_id() -> str:
+    """A fresh KRaft cluster id (a UUID as 22 URL-safe base64 characters, what StorageTool expects)."""
     import base64
     import uuid
 
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+
+
+def kafka_cluster_id(run_dir: Path) -> str:
+    """One cluster id for every node of the run's cluster, kept beside it."""
     path = run_dir / "kafka-cluster-id"
     if not path.exists():
-        path.write_text(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))
+        path.write_text(new_kafka_cluster_id())
     return path.read_text().strip()
 
 
@@ -609,6 +614,66 @@ def replica_key(name: str, i: int) -> str:
     return name if i == 1 else f"{name}#{i}"
 
 
+def default_ports(*, brokers: int = 1, replicas: int = 1, holders: tuple[str, ...] = (),
+                  holder_instances: int = 1) -> dict[str, int]:
+    """The fixed ports of ``make run`` by port key (``kafka#2``, ``auth#2``, ``lb:auth``,
+    ``holder:basement#2``); ``python -m deploy.compose_env --fixed`` uses the same ones. Replicas
+    of a service are 10 apart, instances of a holder 50 apart, and each service's internal balancer
+    (more than one replica) is 200 above its first replica."""
+    ports: dict[str, int] = {"postgres": 55432, "smtp": 1025, "edge": 8080}
+    for b in range(1, brokers + 1):
+        ports[replica_key("kafka", b)] = 59090 + 2 * b
+        ports[replica_key("kafka_controller", b)] = 59091 + 2 * b
+    for name, port in SERVICES.items():
+        for i in range(1, replicas + 1):
+            ports[replica_key(name, i)] = port + 10 * (i - 1)
+        if replicas > 1:
+            ports[f"lb:{name}"] = port + 200
+    for n, h in enumerate(holders):
+        for i in range(1, holder_instances + 1):
+            ports[replica_key(f"holder:{h}", i)] = 8201 + n + 50 * (i - 1)
+    return ports
+
+
+EDGE_UPSTREAMS = ("auth", "devicesession", "linkcode", "web")  # the public upstreams of the template
+
+
+def nginx_includes(replicas: dict[str, list[str]], balancers: dict[str, str]) -> dict[str, str]:
+    """The files ``deploy/nginx/hearth.conf.template`` includes when a service has more than one
+    replica, by file name. ``replicas`` maps a service to its replicas' ``host:port``, the first of
+    which the template itself names; ``balancers`` maps a service to the ``host:port`` of its
+    internal balancer (service-to-service calls go through it, so they fail over like the edge's).
+    The launcher's cluster topology and the edge container (deploy/edge.py) both write these, so
+    compose and ``make run TOPOLOGY=cluster`` balance the same way."""
+    files: dict[str, str] = {}
+    for svc in EDGE_UPSTREAMS:
+        extra = "".join(f"server {r} max_fails=1 fail_timeout=2s;\n" for r in replicas.get(svc, [])[1:])
+        if extra:
+            files[f"upstream-{svc}.conf"] = extra
+    if not balancers:
+        return files
+    lines: list[str] = []
+    for svc in balancers:
+        if svc in EDGE_UPSTREAMS:
+            continue  # the template has its upstream
+        lines += [f"upstream {svc} {{"]
+        lines += [f"    server {r} max_fails=1 fail_timeout=2s;" for r in replicas[svc]]
+        lines += ["    keepalive 16;", "}"]
+    for svc, listen in balancers.items():
+        lines += [
+            "server {",
+            f"    listen {listen};",
+            "    access_log off;",
+            "    proxy_set_header Connection \"\";",
+            "    proxy_set_header Host $http_host;",
+            "    proxy_set_header X-Request-Id $http_x_request_id;",
+            f"    location / {{ proxy_pass http://{svc}; }}",
+            "}",
+        ]
+    files["internal-lb.conf"] = "\n".join(lines) + "\n"
+    return files
+
+
 @dataclass
 class Stack:
     """Infrastructure plus services. ``fixed_ports`` for ``make run``; free ports for tests.
@@ -655,18 +720,8 @@ class Stack:
         self.run_dir = self.run_dir.resolve()
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
         self.out = Output(self.console, self.run_dir / "logs")
-        defaults: dict[str, int] = {"postgres": 55432, "smtp": 1025, "edge": 8080}
-        for b in range(1, self.brokers + 1):
-            defaults[replica_key("kafka", b)] = 59090 + 2 * b
-            defaults[replica_key("kafka_controller", b)] = 59091 + 2 * b
-        for name, port in SERVICES.items():
-            for i in range(1, self.replicas + 1):
-                defaults[replica_key(name, i)] = port + 10 * (i - 1)
-            if self.clustered:
-                defaults[f"lb:{name}"] = port + 200  # 8301...: the internal balancer of the service
-        for n, h in enumerate(self.holders):
-            for i in range(1, self.holder_instances + 1):
-                defaults[replica_key(f"holder:{h}", i)] = 8201 + n + 50 * (i - 1)
+        defaults = default_ports(brokers=self.brokers, replicas=self.replicas, holders=self.holders,
+                                 holder_instances=self.holder_instances)
         for name, port in defaults.items():
             self.ports[name] = port if self.fixed_ports else free_port()
         https = os.environ.get("HTTPS_PORT", "8443")  # "0": no HTTPS listener
@@ -856,33 +911,14 @@ class Stack:
 
     def _nginx_upstreams(self, prefix: Path) -> None:
         """Replicas beyond the first join the template's upstreams through included files, and in the
-        cluster topology each service gets an internal balancer port for service-to-service calls.
-        (An include whose mask matches nothing is no error: compose renders the template alone.)"""
+        cluster topology each service gets an internal balancer port (``nginx_includes``). An include
+        whose mask matches nothing is no error: one replica renders the template alone."""
         for old in [*prefix.glob("upstream-*.conf"), *prefix.glob("internal-lb*.conf")]:
             old.unlink()
-        for svc in ("auth", "devicesession", "linkcode", "web"):
-            extra = "".join(f"server 127.0.0.1:{self.ports[k]} max_fails=1 fail_timeout=2s;\n"
-                            for k in self.replica_keys(svc)[1:])
-            if extra:
-                (prefix / f"upstream-{svc}.conf").write_text(extra)
-        if not self.clustered:
-            return
-        lines = ["upstream notification {"]
-        lines += [f"    server 127.0.0.1:{self.ports[k]} max_fails=1 fail_timeout=2s;"
-                  for k in self.replica_keys("notification")]
-        lines += ["    keepalive 16;", "}"]
-        for svc in SERVICES:
-            lines += [
-                "server {",
-                f"    listen 127.0.0.1:{self.ports[f'lb:{svc}']};",
-                "    access_log off;",
-                "    proxy_set_header Connection \"\";",
-                "    proxy_set_header Host $http_host;",
-                "    proxy_set_header X-Request-Id $http_x_request_id;",
-                f"    location / {{ proxy_pass http://{svc}; }}",
-                "}",
-            ]
-        (prefix / "internal-lb.conf").write_text("\n".join(lines) + "\n")
+        replicas = {svc: [f"127.0.0.1:{self.ports[k]}" for k in self.replica_keys(svc)] for svc in SERVICES}
+        balancers = {svc: f"127.0.0.1:{self.ports[f'lb:{svc}']}" for svc in SERVICES} if self.clustered else {}
+        for name, text in nginx_includes(replicas, balancers).items():
+            (prefix / name).write_text(text)
 
     def start_nginx(self) -> None:
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"

@@ -119,16 +119,11 @@ class HearthStack:
 
     # ------------------------------------------------------------------ sign-out
 
-    def change_password_and_wait(self, account: Account, holder_id: str, *, new_password: str | None = None,
-                                 timeout: float = 10.0) -> float:
-        """Change ``account``'s password with "sign out connected devices", then wait until holder
-        ``holder_id`` has acknowledged the revocation; returns seconds from the request to the holder's
-        acknowledgement (as devicesession recorded it). Raises TimeoutError after ``timeout``.
-
-        The session in ``account.token`` is the one making the change, so it stays signed in; every
-        other session of the account is revoked."""
+    def change_password(self, account: Account, *, new_password: str | None = None) -> str:
+        """Change ``account``'s password with "sign out connected devices"; returns the change's event
+        id. The session in ``account.token`` is the one making the change, so it stays signed in;
+        every other session of the account is revoked."""
         new_password = new_password or f"pw {secrets.token_urlsafe(18)}"
-        sent = time.time()
         _, _, headers = self.edge("PUT", "/api/v2/user/password", "password change",
                                   form={"currentPassword": account.password, "password": new_password,
                                         "signOutDevices": "true"}, headers={"X-Plex-Token": account.token})
@@ -136,21 +131,33 @@ class HearthStack:
         event_id = headers.get("X-Hearth-Event-Id") or headers.get("x-hearth-event-id")
         if not event_id:
             raise RuntimeError("the password change answered without X-Hearth-Event-Id")
+        return event_id
+
+    def revocation_acks(self, event_id: str) -> list[dict[str, Any]] | None:
+        """The acknowledgements (``holder_id``, ``instance_id``, ``applied_at``) of the revocation
+        that event ``event_id`` caused; None while devicesession has not recorded that revocation."""
+        try:
+            revocation_id = self.internal(f"/internal/revocations?causing_event_id={event_id}",
+                                          "revocation")["revocation_id"]
+        except HearthError as exc:
+            if exc.status != 404:
+                raise
+            return None
+        acks: list[dict[str, Any]] = self.internal(f"/internal/revocations/{revocation_id}/acks", "acks")["acks"]
+        return acks
+
+    def change_password_and_wait(self, account: Account, holder_id: str, *, new_password: str | None = None,
+                                 timeout: float = 10.0) -> float:
+        """``change_password``, then wait until holder ``holder_id`` (any instance of it) has
+        acknowledged the revocation; returns seconds from the request to the holder's
+        acknowledgement (as devicesession recorded it). Raises TimeoutError after ``timeout``."""
+        sent = time.time()
+        event_id = self.change_password(account, new_password=new_password)
         deadline = time.monotonic() + timeout
-        revocation_id = None
         while time.monotonic() < deadline:
-            if revocation_id is None:
-                try:
-                    revocation_id = self.internal(f"/internal/revocations?causing_event_id={event_id}",
-                                                  "revocation")["revocation_id"]
-                except HearthError as exc:
-                    if exc.status != 404:
-                        raise
-            if revocation_id is not None:
-                acks = self.internal(f"/internal/revocations/{revocation_id}/acks", "acks")["acks"]
-                for ack in acks:
-                    if ack["holder_id"] == holder_id:
-                        return max(0.0, datetime.fromisoformat(ack["applied_at"]).timestamp() - sent)
+            for ack in self.revocation_acks(event_id) or []:
+                if ack["holder_id"] == holder_id:
+                    return max(0.0, datetime.fromisoformat(ack["applied_at"]).timestamp() - sent)
             time.sleep(0.05)
         raise TimeoutError(f"holder {holder_id!r} did not acknowledge the sign-out within {timeout}s")
 

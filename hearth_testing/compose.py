@@ -1,5 +1,6 @@
-"""The whole Hearth on containers: ``deploy/compose.yaml`` booted with a fresh env file (generated
-secrets, free ports, a unique project name), waited for, and torn down with its volumes.
+"""The whole Hearth on containers: ``deploy/compose.yaml`` (the cluster topology: three Kafka brokers,
+two replicas of every service, two instances of each sample holder) booted with a fresh env file
+(generated secrets, free ports, a unique project name), waited for, and torn down with its volumes.
 
 Needs a Docker engine, Hearth's images (``python -m deploy.images build``) and Debian's
 ``docker-compose`` (or ``HEARTH_COMPOSE_CMD``, e.g. "docker compose").
@@ -21,8 +22,10 @@ from pathlib import Path
 from hearth_testing.client import HearthStack
 
 COMPOSE_FILE = Path(__file__).resolve().parent.parent / "deploy" / "compose.yaml"
-READY_PORTS = ("AUTH_PORT", "DEVICESESSION_PORT", "LINKCODE_PORT", "NOTIFICATION_PORT", "WEB_PORT",
-               "HOLDER_LIVING_ROOM_PORT", "HOLDER_BASEMENT_PORT")
+# Both replicas of every service and both instances of each sample holder (deploy/compose_env.py names).
+READY_PORTS = tuple(f"{name}{replica}_PORT" for name in ("AUTH", "DEVICESESSION", "LINKCODE", "NOTIFICATION", "WEB",
+                                                         "HOLDER_LIVING_ROOM", "HOLDER_BASEMENT")
+                    for replica in ("", "_2"))
 
 
 def compose_command() -> list[str] | None:
@@ -84,13 +87,18 @@ class ComposeStack:
         v = self.values
         self.stack = HearthStack(
             edge_url=f"http://127.0.0.1:{v['EDGE_PORT']}",
-            devicesession_url=f"http://127.0.0.1:{v['DEVICESESSION_PORT']}",
-            kafka_bootstrap=f"127.0.0.1:{v['KAFKA_PORT']}",
+            devicesession_url=f"http://127.0.0.1:{v['DEVICESESSION_LB_PORT']}",  # the edge's balancer
+            kafka_bootstrap=self.kafka_bootstrap,
             internal_api_secret=v["INTERNAL_API_SECRET"],
             holder_master_secret=v["HOLDER_SECRET"],
             mode="compose",
         )
         return self.stack
+
+    @property
+    def kafka_bootstrap(self) -> str:
+        """All three brokers."""
+        return ",".join(f"127.0.0.1:{self.values[k]}" for k in ("KAFKA_PORT", "KAFKA_2_PORT", "KAFKA_3_PORT"))
 
     def mail(self) -> list[str]:
         """The messages the SMTP sink container has saved (``.eml`` texts), oldest first."""

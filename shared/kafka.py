@@ -19,7 +19,7 @@ from collections.abc import Iterable
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
 from shared.events import Envelope
 
@@ -65,11 +65,18 @@ def replication() -> tuple[int, dict[str, str]]:
 
 
 async def ensure_topics(bootstrap: str, topics: Iterable[str], *, partitions: int = 4,
-                        replication_factor: int | None = None) -> None:
-    """Create topics that do not exist yet. Idempotent; tolerates concurrent creators."""
+                        replication_factor: int | None = None, min_brokers: int = 0,
+                        within: float = 60.0) -> dict[str, str]:
+    """Create topics that do not exist yet. Idempotent; tolerates concurrent creators.
+
+    Returns the topics the broker refused to create, with its reason (an already existing topic is
+    not refused); callers that let the broker auto-create topics later may ignore them. With
+    ``min_brokers``, waits up to ``within`` seconds until that many brokers have registered, so a
+    topic-creation job started beside a new cluster does not ask for more replicas than exist."""
     rf, configs = replication()
     if replication_factor is not None:
         rf = replication_factor
+    deadline = asyncio.get_running_loop().time() + within
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15_000)
     for i in range(60):
         try:
@@ -80,17 +87,25 @@ async def ensure_topics(bootstrap: str, topics: Iterable[str], *, partitions: in
                 raise
             await asyncio.sleep(0.5)
     try:
+        while len((await admin.describe_cluster())["brokers"]) < min_brokers:
+            if asyncio.get_running_loop().time() > deadline:
+                raise KafkaError(f"fewer than {min_brokers} brokers registered within {within:.0f}s")
+            await asyncio.sleep(0.5)
         existing = set(await admin.list_topics())
         new = [
             NewTopic(name=t, num_partitions=partitions, replication_factor=rf, topic_configs=dict(configs))
             for t in dict.fromkeys(topics)
             if t not in existing
         ]
-        if new:
-            try:
-                await admin.create_topics(new)
-            except TopicAlreadyExistsError:
-                pass
+        if not new:
+            return {}
+        try:
+            response = await admin.create_topics(new)
+        except TopicAlreadyExistsError:
+            return {}
+        # The answer carries one error code per topic; create_topics itself does not raise them.
+        return {t[0]: f"{for_code(t[1]).__name__}: {t[2] if len(t) > 2 else ''}".rstrip(": ")
+                for t in response.topic_errors if t[1] not in (0, TopicAlreadyExistsError.errno)}
     finally:
         await admin.close()
 
@@ -101,12 +116,17 @@ SERVICE_GROUPS = ("devicesession.revoker", "devicesession.acks", "linkcode.revoc
 
 async def create_all(bootstrap: str, *, prefix: str = "", partitions: int = 12, replication_factor: int = 3,
                      min_insync: int = 2) -> list[str]:
-    """Every topic Hearth uses, at a production replication policy (the Kubernetes topics Job)."""
+    """Every topic Hearth uses, at a production replication policy (the Kubernetes topics Job and
+    compose's ``topics`` container). Waits for ``replication_factor`` brokers; raises if the
+    cluster refuses any topic, so the job fails instead of succeeding with topics missing."""
     from shared.events import ALL_TOPICS, dead_letter_topic
 
     os.environ["TOPIC_MIN_INSYNC_REPLICAS"] = str(min_insync)
     topics = [prefix + t for t in ALL_TOPICS] + [dead_letter_topic(prefix + g) for g in SERVICE_GROUPS]
-    await ensure_topics(bootstrap, topics, partitions=partitions, replication_factor=replication_factor)
+    refused = await ensure_topics(bootstrap, topics, partitions=partitions, replication_factor=replication_factor,
+                                  min_brokers=replication_factor)
+    if refused:  # a job that exits 0 here lets services start on topics that do not exist
+        raise KafkaError("topics not created: " + "; ".join(f"{t} ({why})" for t, why in refused.items()))
     return topics
 
 

@@ -4,7 +4,8 @@
 set -eu
 conf=/tmp/server.properties
 # One node by default; a cluster sets KAFKA_NODE_ID, KAFKA_VOTERS (id@host:controller_port,...),
-# KAFKA_REPLICATION and KAFKA_MIN_ISR per broker.
+# KAFKA_REPLICATION and KAFKA_MIN_ISR per broker, and one KAFKA_CLUSTER_ID for all its brokers
+# (every node of a KRaft cluster must be formatted with the same id; alone, a node makes its own).
 node_id="${KAFKA_NODE_ID:-1}"
 voters="${KAFKA_VOTERS:-${node_id}@127.0.0.1:${KAFKA_CONTROLLER_PORT}}"
 sed -e "s|\${port}|${KAFKA_PORT}|g" -e "s|\${controller_port}|${KAFKA_CONTROLLER_PORT}|g" \
@@ -18,7 +19,8 @@ fi
 set -- "-Xmx${KAFKA_HEAP}" -Xms128m -XX:+UseG1GC -Djava.awt.headless=true \
   -Dlog4j2.configurationFile=/opt/kafka/log4j2.properties -cp '/opt/kafka/libs/*'
 if [ ! -f "${KAFKA_DATA}/meta.properties" ]; then
-  cluster="$(java "$@" kafka.tools.StorageTool random-uuid | tail -1)"
+  cluster="${KAFKA_CLUSTER_ID:-}"
+  [ -n "$cluster" ] || cluster="$(java "$@" kafka.tools.StorageTool random-uuid | tail -1)"
   java "$@" kafka.tools.StorageTool format -t "$cluster" -c "$conf" >/dev/null
 fi
 echo "kafka: starting on ${KAFKA_HOST}:${KAFKA_PORT} (controller ${KAFKA_CONTROLLER_PORT})"

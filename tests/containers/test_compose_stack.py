@@ -1,6 +1,7 @@
-"""The compose stack (deploy/compose.yaml, every container from Hearth's own images, host network),
-booted, checked through its edge with real clients, and torn down. Runs with HEARTH_COMPOSE=1 (CI's
-containers stage); needs a Docker engine, the images (make images) and docker-compose.
+"""The compose stack (deploy/compose.yaml: the cluster topology, every container from Hearth's own
+images, host network), booted, checked through its edge with real clients, and torn down. Runs with
+HEARTH_COMPOSE=1 (CI's containers stage); needs a Docker engine, the images (make images) and
+docker-compose. The tests share one stack and run in file order: the broker-stop test is last.
 """
 
 from __future__ import annotations
@@ -10,30 +11,68 @@ import email
 import os
 import re
 import secrets
+import time
 from collections.abc import Iterator
 
 import aiohttp
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import KafkaError
 from plexapi.myplex import MyPlexAccount, MyPlexPinLogin
 
+from hearth_testing.client import Account, HearthStack
 from hearth_testing.compose import ComposeStack
+from shared.events import ALL_TOPICS, SESSIONS_REVOKED
 from tests.conftest import eventually
 from tests.plexclient import plex_session
 
 pytestmark = [pytest.mark.timeout(600),
               pytest.mark.skipif(os.environ.get("HEARTH_COMPOSE") != "1", reason="HEARTH_COMPOSE=1 boots compose")]
 
+HOLDERS = {"living-room": ("HOLDER_LIVING_ROOM_PORT", "HOLDER_LIVING_ROOM_2_PORT"),
+           "basement": ("HOLDER_BASEMENT_PORT", "HOLDER_BASEMENT_2_PORT")}
+# (holder id, INSTANCE_ID) of every sample-holder container.
+INSTANCES = {(h, f"holder-{h}-{i}") for h in HOLDERS for i in (1, 2)}
+
 
 @pytest.fixture(scope="module")
 def compose() -> Iterator[ComposeStack]:
+    started = time.monotonic()
     with ComposeStack(project=f"hearth-ci-{secrets.token_hex(3)}") as c:
+        print(f"compose: cluster stack ready in {time.monotonic() - started:.0f} s")
         yield c
+
+
+def holder_ports(compose: ComposeStack) -> list[str]:
+    """The ports of all four sample-holder containers."""
+    return [compose.values[k] for keys in HOLDERS.values() for k in keys]
 
 
 async def library_status(port: str, token: str) -> int:
     async with aiohttp.ClientSession() as http:
         async with http.get(f"http://127.0.0.1:{port}/library", headers={"X-Plex-Token": token}) as r:
             return r.status
+
+
+async def sign_out_everywhere(stack: HearthStack, account: Account, held: str, ports: list[str],
+                              timeout: float = 30) -> float:
+    """Change ``account``'s password with sign-out; wait until every holder container refuses
+    ``held`` and devicesession has an acknowledgement from every instance of every sample holder.
+    Returns the seconds that took."""
+    sent = time.monotonic()
+    event_id = await asyncio.to_thread(stack.change_password, account)
+
+    def every_instance_acked() -> bool:
+        acks = stack.revocation_acks(event_id) or []
+        return INSTANCES <= {(a["holder_id"], a["instance_id"]) for a in acks}
+
+    await eventually(lambda: asyncio.to_thread(every_instance_acked), timeout=timeout, interval=0.2)
+    took = time.monotonic() - sent
+    for port in ports:  # an instance acknowledges after evicting: from then on it refuses the token
+        assert await library_status(port, held) == 401, port
+    assert stack.user_status(held) == 401 and stack.user_status(account.token) == 200
+    return took
 
 
 async def test_compose_stack_sign_up_plexapi_pin_link_sign_out_and_reset_email(compose: ComposeStack) -> None:
@@ -55,18 +94,16 @@ async def test_compose_stack_sign_up_plexapi_pin_link_sign_out_and_reset_email(c
     assert await asyncio.to_thread(login.waitForLogin)
     tv_token = login.token
     assert tv_token and stack.user_status(tv_token) == 200
-    # the sample-holder containers accept the TV's session, then refuse it after a password change
-    # with sign-out (made from the plexapi session, which stays signed in)
-    holders = {"living-room": compose.values["HOLDER_LIVING_ROOM_PORT"], "basement": compose.values["HOLDER_BASEMENT_PORT"]}
-    for port in holders.values():
+    # both instances of both sample holders accept the TV's session, then all four refuse it after a
+    # password change with sign-out (made from the plexapi session, which stays signed in), and each
+    # instance acknowledged the revocation under its own INSTANCE_ID
+    ports = holder_ports(compose)
+    for port in ports:
         assert await library_status(port, tv_token) == 200
     account.token = plex.authenticationToken
-    latency = await stack.change_password_and_wait_async(account, "living-room", timeout=30)
-    for port in holders.values():
-        await eventually(lambda p=port: library_status_is(p, tv_token, 401), timeout=10)
-    assert stack.user_status(tv_token) == 401 and stack.user_status(plex.authenticationToken) == 200
-    print(f"compose: sign-out applied by holder living-room {latency * 1000:.0f} ms after the request")
-    # the reset email lands in the SMTP sink container
+    took = await sign_out_everywhere(stack, account, tv_token, ports)
+    print(f"compose: sign-out applied by all {len(ports)} holder instances within {took * 1000:.0f} ms")
+    # the reset email lands in the SMTP sink container (sent by one of the two notification replicas)
     async with aiohttp.ClientSession() as http:
         async with http.post(edge + "/api/v2/users/password/reset", data={"email": account.email},
                              headers={"Accept": "application/json"}) as r:
@@ -90,5 +127,57 @@ async def test_compose_stack_sign_up_plexapi_pin_link_sign_out_and_reset_email(c
     assert len(url) > len(edge) + 20  # carries the reset token
 
 
-async def library_status_is(port: str, token: str, status: int) -> bool:
-    return await library_status(port, token) == status
+async def test_compose_topics_have_replication_factor_3_and_min_insync_replicas_2(compose: ComposeStack) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=compose.kafka_bootstrap, request_timeout_ms=15_000)
+    await admin.start()
+    try:
+        assert len((await admin.describe_cluster())["brokers"]) == 3
+        described = {t["topic"]: t for t in await admin.describe_topics(list(ALL_TOPICS))}
+        assert set(described) == set(ALL_TOPICS)
+        for topic, meta in described.items():
+            assert meta["partitions"], topic
+            assert {len(p["replicas"]) for p in meta["partitions"]} == {3}, topic
+        responses = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, t, {"min.insync.replicas": None}) for t in ALL_TOPICS])
+        min_isr = {r[3]: {c[0]: c[1] for c in r[4]}["min.insync.replicas"]
+                   for resp in responses for r in resp.resources}
+        assert min_isr == dict.fromkeys(ALL_TOPICS, "2")
+    finally:
+        await admin.close()
+
+
+async def test_compose_sign_out_reaches_every_holder_instance_with_one_broker_stopped(compose: ComposeStack) -> None:
+    stack = compose.stack
+    assert stack is not None
+    account = await asyncio.to_thread(stack.sign_up)
+    held = await asyncio.to_thread(stack.sign_in, account.username, account.password, "tv-broker-test")
+    ports = holder_ports(compose)
+    for port in ports:
+        assert await library_status(port, held) == 200
+    admin = AIOKafkaAdminClient(bootstrap_servers=compose.kafka_bootstrap, request_timeout_ms=15_000)
+    await admin.start()
+    try:
+        async def leaders() -> set[int]:
+            [meta] = await admin.describe_topics([SESSIONS_REVOKED])
+            return {p["leader"] for p in meta["partitions"]}
+
+        assert 2 in await leaders(), "kafka-2 leads some partitions of sessions.revoked"
+        compose.run("stop", "--timeout", "20", "kafka-2")
+        try:
+            took = await sign_out_everywhere(stack, account, held, ports, timeout=60)
+            print(f"compose: with kafka-2 stopped, sign-out applied by all {len(ports)} holder instances "
+                  f"within {took * 1000:.0f} ms")
+        finally:
+            compose.run("start", "kafka-2")
+
+        async def recovered() -> bool:  # the broker is back, registered, and in sync again
+            try:
+                [meta] = await admin.describe_topics([SESSIONS_REVOKED])
+                return (len((await admin.describe_cluster())["brokers"]) == 3
+                        and all(len(p["isr"]) == 3 for p in meta["partitions"]))
+            except KafkaError:  # the client may ask the restarted broker before it listens again
+                return False
+
+        await eventually(recovered, timeout=90, interval=1)
+    finally:
+        await admin.close()
