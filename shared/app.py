@@ -125,6 +125,12 @@ async def request_context(
         status = response.status
         response.headers["X-Request-Id"] = rid
         return response
+    except web.HTTPException as exc:  # a redirect raised by the handler (errors were answered above)
+        status = exc.status
+        raise
+    except asyncio.CancelledError:
+        status = 499  # the client went away before the answer (nginx's code for it), not a server error
+        raise
     finally:
         elapsed = time.perf_counter() - started
         route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"

@@ -151,6 +151,7 @@ class ConsumeLoop:
         self._fresh_cached = False
         self._pending: dict[TopicPartition, int] = {}
         self._expected: dict[TopicPartition, int] = {}
+        self._positioned_ms: dict[TopicPartition, float] = {}
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self.resets: list[str] = []  # reasons, for tests
@@ -161,7 +162,8 @@ class ConsumeLoop:
 
     @property
     def fresh(self) -> bool:
-        """Broadcast mode: positioned, and every partition answered a fetch within ``max_staleness``."""
+        """Broadcast mode: positioned, and every partition heard from (positioning, then fetches)
+        within ``max_staleness``."""
         if not self._fresh or self.consumer is None:
             return False
         now = time.monotonic()
@@ -175,7 +177,10 @@ class ConsumeLoop:
         now_ms = time.time() * 1000
         stale = []
         for tp in self._expected:
-            ts = self.consumer.last_poll_timestamp(tp)
+            # Positioning read each partition's end from its leader: that counts as hearing from it,
+            # so a new instance uses its cache at once instead of after its first (long) fetch.
+            heard = [t for t in (self.consumer.last_poll_timestamp(tp), self._positioned_ms.get(tp)) if t]
+            ts = max(heard) if heard else None
             if ts is None or now_ms - ts > self.max_staleness * 1000:
                 stale.append(tp)
         return stale
@@ -303,8 +308,9 @@ class ConsumeLoop:
             for tp in new:
                 self.consumer.seek(tp, edge[tp])
         self._expected = {tp: await self.consumer.position(tp) for tp in tps}
+        self._positioned_ms = {tp: time.time() * 1000 for tp in tps}
         await self._reset("positioned" if not keep else "partitions added")
-        # Fresh once every partition has answered one fetch (checked in _poll).
+        # Fresh from here while every partition keeps answering fetches (checked in _poll and fresh).
         self._fresh = True
         self.started.set()
 

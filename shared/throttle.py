@@ -106,22 +106,27 @@ async def purge(conn: asyncpg.Connection | asyncpg.Pool) -> None:
                        " AND (blocked_until IS NULL OR blocked_until < now())")
 
 
+# No attempt stays in flight this long (a hash, a code lookup): older reservations belong to a
+# process that died before settling them, and no longer count.
+STALE_PENDING = 60.0
+_PENDING = f"(CASE WHEN t.pending_at < now() - interval '{STALE_PENDING:.0f} seconds' THEN 0 ELSE t.pending END)"
 _FREE_OF = "(SELECT v.free FROM unnest($1::text[], $2::int[]) AS v(scope, free) WHERE v.scope = t.scope LIMIT 1)"
 _EXPIRED = "t.window_start < now() - make_interval(secs => $3)"
 # An attempt is admitted while the scope is not blocked and its failures plus the attempts in flight
 # stay within the allowance (past it: one attempt at a time after each block ends).
 _ADMITS = (f"((t.blocked_until IS NULL OR t.blocked_until <= now())"
-           f" AND (t.hits + t.pending <= {_FREE_OF} OR (t.hits > {_FREE_OF} AND t.pending = 0)))")
+           f" AND (t.hits + {_PENDING} <= {_FREE_OF} OR (t.hits > {_FREE_OF} AND {_PENDING} = 0)))")
 _RESERVE = f"""
     WITH refusing AS (
         SELECT t.scope, t.blocked_until FROM throttles t
         WHERE t.scope = ANY($1::text[]) AND NOT {_EXPIRED} AND NOT {_ADMITS}
     ), taken AS (
-        INSERT INTO throttles AS t (scope, hits, window_start, pending)
-        SELECT u.scope, 0, now(), 1 FROM unnest($1::text[], $2::int[]) AS u(scope, free)
-        WHERE NOT EXISTS (SELECT 1 FROM refusing)
+        INSERT INTO throttles AS t (scope, hits, window_start, pending, pending_at)
+        SELECT u.scope, 0, now(), 1, now() FROM unnest($1::text[], $2::int[]) AS u(scope, free)
+        WHERE NOT EXISTS (SELECT 1 FROM refusing) ORDER BY u.scope
         ON CONFLICT (scope) DO UPDATE SET
-            pending = t.pending + 1,
+            pending = {_PENDING} + 1,
+            pending_at = now(),
             hits = CASE WHEN {_EXPIRED} THEN 0 ELSE t.hits END,
             blocked_until = CASE WHEN {_EXPIRED} THEN NULL ELSE t.blocked_until END,
             window_start = CASE WHEN {_EXPIRED} THEN now() ELSE t.window_start END
@@ -132,6 +137,9 @@ _RESERVE = f"""
            coalesce((SELECT max(extract(epoch FROM blocked_until - now())) FROM refusing
                      WHERE blocked_until > now()), 0)::float8 AS wait
 """
+# Every statement that writes several scopes locks their rows in the order of their names (the
+# upsert inserts in that order; updates lock first), so two of them never deadlock.
+_LOCKED = "locked AS (SELECT scope FROM throttles WHERE scope = ANY($1::text[]) ORDER BY scope FOR UPDATE)"
 # Attempts waiting in this process for a place in a scope, oldest first: a settlement here wakes the
 # oldest waiter of each scope it settles at once; settlements in other replicas are seen by polling.
 _waiting: dict[str, list[asyncio.Future[None]]] = {}
@@ -201,8 +209,8 @@ async def reserve(conn: asyncpg.Connection | asyncpg.Pool, scopes: list[tuple[st
 
 
 async def _unpend(conn: asyncpg.Connection | asyncpg.Pool, scopes: list[str]) -> None:
-    await conn.execute("UPDATE throttles SET pending = greatest(pending - 1, 0) WHERE scope = ANY($1::text[])",
-                       scopes)
+    await conn.execute(f"WITH {_LOCKED} UPDATE throttles t SET pending = greatest(t.pending - 1, 0)"
+                       " FROM locked l WHERE t.scope = l.scope", scopes)
 
 
 async def fail(conn: asyncpg.Connection | asyncpg.Pool, scopes: list[tuple[str, int]], *, window: int,
@@ -210,13 +218,14 @@ async def fail(conn: asyncpg.Connection | asyncpg.Pool, scopes: list[tuple[str, 
     """A reserved attempt that failed: it counts; past ``free`` the scope is blocked for 2^(hits-free)
     seconds (capped at ``max_block``) when ``growing``, else until its window ends."""
     await conn.execute(
-        """
+        f"""
+        WITH {_LOCKED}
         UPDATE throttles t SET pending = greatest(t.pending - 1, 0), hits = t.hits + 1,
             blocked_until = CASE WHEN t.hits + 1 <= u.free THEN t.blocked_until
                                  WHEN $4 THEN now() + make_interval(
                                      secs => least($3, power(2, least(t.hits + 1 - u.free, 20))))
                                  ELSE t.window_start + make_interval(secs => $5) END
-        FROM unnest($1::text[], $2::int[]) AS u(scope, free) WHERE t.scope = u.scope
+        FROM unnest($1::text[], $2::int[]) AS u(scope, free) JOIN locked l USING (scope) WHERE t.scope = u.scope
         """,
         [s for s, _ in scopes], [f for _, f in scopes], float(max_block), growing, float(window),
     )
@@ -235,10 +244,10 @@ async def settle(conn: asyncpg.Connection | asyncpg.Pool, clear_scope: str, rele
     and its block lifted, and the attempt's place is given back in every scope."""
     names = [clear_scope, *[s for s, _ in release_scopes]]
     await conn.execute(
-        "UPDATE throttles SET pending = greatest(pending - 1, 0),"
-        " hits = CASE WHEN scope = $1 THEN 0 ELSE hits END,"
-        " blocked_until = CASE WHEN scope = $1 THEN NULL ELSE blocked_until END"
-        " WHERE scope = ANY($2::text[])",
-        clear_scope, names,
+        f"WITH {_LOCKED} UPDATE throttles t SET pending = greatest(t.pending - 1, 0),"
+        " hits = CASE WHEN t.scope = $2 THEN 0 ELSE t.hits END,"
+        " blocked_until = CASE WHEN t.scope = $2 THEN NULL ELSE t.blocked_until END"
+        " FROM locked l WHERE t.scope = l.scope",
+        names, clear_scope,
     )
     _wake(names)

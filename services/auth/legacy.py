@@ -30,9 +30,9 @@ from shared.app import client_address
 from shared.errors import MissingClientIdentifier
 
 
-def account_view(account: store.Account, token: str, two_factor: Any = None) -> tuple[Any, dict[str, Any]]:
+def account_view(account: store.Account, token: str) -> tuple[Any, dict[str, Any]]:
     """``/users/account`` in XML (the v2 user element with the legacy children) and JSON."""
-    xml, v2 = routes.user_view(account, token, two_factor)
+    xml, v2 = routes.user_view(account, token)
     xml.set("authenticationToken", token)
     xml.set("authentication_token", token)
     xml.append(plex.element("authentication-token", text=token))
@@ -55,7 +55,7 @@ def account_view(account: store.Account, token: str, two_factor: Any = None) -> 
 
 async def _account_response(request: web.Request, account: store.Account, token: str, status: int
                             ) -> web.Response:
-    xml, json = account_view(account, token, await request.app[routes.AUTH].two_factor.status(account.id))
+    xml, json = account_view(account, token)
     return plex.respond(request, xml=xml, json=json, status=status)
 
 

@@ -13,7 +13,6 @@ from services.auth.errors import InvalidToken
 from services.auth.minting import MintBatcher
 from services.auth.service import Auth
 from services.auth.settings import Settings
-from services.auth.two_factor import Status
 from shared import plex
 from shared.app import SettingsOf, client_address, json_object
 from shared.errors import HearthError, MissingClientIdentifier, NotFound, ValidationFailed
@@ -37,11 +36,10 @@ def _is_internal(request: web.Request) -> bool:
     return scheme.lower() == "bearer" and same(value.strip(), _settings(request).internal_api_secret.get_secret_value())
 
 
-def user_view(account: store.Account, token: str | None, two_factor: Status | None = None
-              ) -> tuple[Any, dict[str, Any]]:
+def user_view(account: store.Account, token: str | None) -> tuple[Any, dict[str, Any]]:
     """The user in Plex's XML shape (python-plexapi) and JSON shape (typed Go/Rust clients)."""
     joined = int(account.created_at.timestamp())
-    tf_on = bool(two_factor and two_factor.enabled)
+    tf_on = account.two_factor_on  # enabling two-step creates the recovery codes: both flags say the same
     attrs = {
         "id": account.num, "uuid": account.id.hex, "username": account.username, "title": account.username,
         "friendlyName": account.username, "email": account.email, "thumb": "", "authToken": token or "",
@@ -109,7 +107,7 @@ async def _account_of(request: web.Request) -> tuple[store.Account, Principal, s
 
 async def _user(request: web.Request, account: store.Account, token: str | None, status: int = 200
                 ) -> web.Response:
-    xml, json = user_view(account, token, await request.app[AUTH].two_factor.status(account.id))
+    xml, json = user_view(account, token)
     return plex.respond(request, xml=xml, json=json, status=status)
 
 
