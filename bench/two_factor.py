@@ -9,7 +9,6 @@ database with their secrets sealed under the stack's TWO_FACTOR_SEAL_KEYS, as au
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from urllib.parse import urlencode
@@ -19,7 +18,7 @@ import asyncpg
 import pyotp
 
 from bench.common import RawHttp, Row, raw_closed_loop
-from bench.signin import raw_argon2_rate
+from bench.signin import Alternating
 from deploy.launcher import Stack
 from shared.crypto import Sealer
 from shared.settings import with_database
@@ -79,25 +78,16 @@ async def run(stack: Stack) -> list[Row]:
     # warm-up: pools full, devices known
     await raw_closed_loop(stack.edge_url, _prepared(stack, names[:WARMUP], secret), expect=201, concurrency=16,
                           seconds=2)
-    signed = raw_count = 0
-    signin_s = raw_s = 0.0
-    ratios = []
+    rounds = Alternating()
     for k in range(ROUNDS):
         batch = names[WARMUP + k * PER_ROUND: WARMUP + (k + 1) * PER_ROUND]
         prepared = _prepared(stack, batch, secret)
-        t0 = time.perf_counter()
-        rate = await raw_closed_loop(stack.edge_url, prepared, expect=201, concurrency=16, seconds=SECONDS / ROUNDS)
-        elapsed = time.perf_counter() - t0
-        assert rate * elapsed < PER_ROUND, "a round signed in more accounts than it had: raise PER_ROUND"
-        signed += round(rate * elapsed)
-        signin_s += elapsed
-        t0 = time.perf_counter()
-        raw_rate = await asyncio.to_thread(raw_argon2_rate, SECONDS / ROUNDS)
-        elapsed = time.perf_counter() - t0
-        raw_count += round(raw_rate * elapsed)
-        raw_s += elapsed
-        ratios.append(rate / raw_rate)
-    rate, raw = signed / signin_s, raw_count / raw_s
+        before = rounds.signed
+        await rounds.round(lambda seconds, prepared=prepared: raw_closed_loop(  # type: ignore[misc]
+            stack.edge_url, prepared, expect=201, concurrency=16, seconds=seconds))
+        assert rounds.signed - before < PER_ROUND, "a round signed in more accounts than it had: raise PER_ROUND"
+    ratios = rounds.ratios
+    rate, raw = rounds.rate, rounds.raw
     return [
         Row(NAME, "2FA sign-in throughput (password + TOTP, edge, 16 clients)", rate, "sign-ins/s",
             "raw argon2id verify, 2 threads", raw, "ratio >= 0.9"),
