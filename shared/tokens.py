@@ -34,4 +34,12 @@ def same(a: bytes | str, b: bytes | str) -> bool:
 
 
 def random_code(alphabet: str, length: int) -> str:
-    return "".join(secrets.choice(alphabet) for _ in range(length))
+    """``length`` characters drawn uniformly from ``alphabet``: one draw below ``len**length``,
+    written in that base (a single call to the system's random source, not one per character)."""
+    base = len(alphabet)
+    n = secrets.randbelow(base ** length)
+    out = []
+    for _ in range(length):
+        n, i = divmod(n, base)
+        out.append(alphabet[i])
+    return "".join(out)

@@ -132,10 +132,15 @@ class LinkCodes:
 
     async def _allocate_short(self, conn: asyncpg.Connection, client: str, device: dict[str, Any],
                               *, length: int = 4, alphabet: str = PIN_ALPHABET) -> CreatedPin:
-        """Draw candidates in bulk, skip live ones in one query, insert the first free one."""
+        """Draw candidates in bulk, skip live ones in one query, insert the first free one. The
+        first draw is small (at 90% occupancy 8 candidates are all taken 43% of the time) and each
+        further draw four times larger, up to 256: a PIN costs a few HMACs while the code space is
+        mostly free, and still a handful of queries when it is nearly full."""
         capacity = len(alphabet) ** length
+        draw = 8
         for _ in range(20):
-            candidates = list({tokens.random_code(alphabet, length) for _ in range(min(256, capacity))})
+            candidates = list({tokens.random_code(alphabet, length) for _ in range(min(draw, capacity))})
+            draw = min(256, draw * 4)
             hmacs = {c: self._hmac(c, "pin") for c in candidates}
             taken = await store.taken_codes(conn, list(hmacs.values()))
             for code in candidates:
