@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import re
@@ -257,7 +258,9 @@ def _trusted_networks(request: web.Request) -> tuple[ipaddress.IPv4Network | ipa
 _LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
 
-def _is_trusted(address: str, networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+@functools.lru_cache(maxsize=4096)
+def _is_trusted(address: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
+    """Whether ``address`` is in ``networks`` (remembered: the same few peers ask all the time)."""
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
@@ -268,7 +271,18 @@ def _is_trusted(address: str, networks: Sequence[ipaddress.IPv4Network | ipaddre
 def client_address(request: web.Request) -> str:
     """The caller's address. ``X-Forwarded-For`` hops are believed only as far as each one was
     added by a trusted proxy (TRUSTED_PROXIES): walking from the nearest hop back, the first
-    address that is not a trusted proxy is the client, so a client cannot choose its own address."""
+    address that is not a trusted proxy is the client, so a client cannot choose its own address.
+    Worked out once per request."""
+    known = request.get(_CLIENT_ADDRESS)
+    if known is None:
+        known = request[_CLIENT_ADDRESS] = _client_address(request)
+    return known
+
+
+_CLIENT_ADDRESS = "hearth.client_address"
+
+
+def _client_address(request: web.Request) -> str:
     remote = request.remote or ""
     networks = _trusted_networks(request)
     if not _is_trusted(remote, networks):

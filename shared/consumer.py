@@ -233,6 +233,10 @@ class ConsumeLoop:
             # Long poll: the broker answers as soon as a record arrives; a short wait would only make
             # every idle consumer poll the broker many times a second.
             fetch_max_wait_ms=self.fetch_max_wait_ms,
+            # aiokafka's background fetcher otherwise wakes every 200 ms with nothing to do (it is
+            # woken anyway by each fetch answer and each getmany): 5 idle wake-ups a second per
+            # consumer, most of an idle process's CPU.
+            consumer_timeout_ms=max(200, self.fetch_max_wait_ms),
         )
 
     async def _run(self) -> None:
@@ -418,7 +422,7 @@ class ConsumerRunner:
             start=auto_offset_reset, on_assigned=on_assigned, on_revoked=on_revoked, max_records=max_records,
             # The broker answers a waiting fetch as soon as a record arrives, so the wait bounds only
             # how often an idle consumer asks (each ask costs the broker and this process CPU).
-            fetch_max_wait_ms=1000, session_timeout_ms=session_timeout_ms,
+            fetch_max_wait_ms=1000, poll_timeout_ms=1000, session_timeout_ms=session_timeout_ms,
             heartbeat_interval_ms=heartbeat_interval_ms, client_id=group,
         )
         self.started = self.loop.started

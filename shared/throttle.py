@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 
 import asyncpg
 
@@ -64,13 +66,16 @@ async def hit(conn: asyncpg.Connection | asyncpg.Pool, scope: str, *, free: int,
 
 
 async def count_attempt(conn: asyncpg.Connection | asyncpg.Pool, scope: str, *, free: int, window: int,
-                           max_block: int) -> float:
+                        max_block: int, read: str = "", columns: str = "", args: tuple[object, ...] = ()
+                        ) -> tuple[float, asyncpg.Record]:
     """Count one code attempt unless the scope is blocked, in one statement. Returns 0 when the
-    attempt may proceed, else the seconds until the block ends. Past ``free`` attempts in the window,
-    each attempt blocks the scope for 2^(attempts - free) seconds (capped)."""
+    attempt may proceed, else the seconds until the block ends, and the answer. Past ``free``
+    attempts in the window, each attempt blocks the scope for 2^(attempts - free) seconds (capped).
+    ``read`` (a CTE) is read in the same statement and ``columns`` of it come with the answer; their
+    parameters start at $5 and are ``args``."""
     row = await conn.fetchrow(
-        """
-        WITH hit AS (
+        f"""
+        WITH {read + ", " if read else ""}hit AS (
             INSERT INTO throttles AS t (scope, hits, window_start) VALUES ($1, 1, now())
             ON CONFLICT (scope) DO UPDATE SET
                 hits = CASE WHEN t.window_start < now() - make_interval(secs => $2) THEN 1 ELSE t.hits + 1 END,
@@ -87,14 +92,20 @@ async def count_attempt(conn: asyncpg.Connection | asyncpg.Pool, scope: str, *, 
         )
         SELECT (SELECT hits FROM hit) AS hits,
                coalesce((SELECT extract(epoch FROM blocked_until - now()) FROM throttles WHERE scope = $1), 0)::float8
-                   AS blocked_for
+                   AS blocked_for{", " + columns if columns else ""}
         """,
-        scope, float(window), free, float(max_block),
+        scope, float(window), free, float(max_block), *args,
     )
     assert row is not None
     if row["hits"] is not None:
-        return 0.0
-    return max(float(row["blocked_for"]), 0.001)
+        return 0.0, row
+    return max(float(row["blocked_for"]), 0.001), row
+
+
+def clearing(scope: str, when: str) -> str:
+    """A CTE that forgives the attempts counted in the scope named by ``scope`` (an SQL parameter)
+    when ``when`` holds: the success that settles them, decided in the same statement."""
+    return f"cleared AS (DELETE FROM throttles WHERE scope = {scope} AND {when} RETURNING 1)"
 
 
 async def clear(conn: asyncpg.Connection | asyncpg.Pool, scope: str) -> None:
@@ -110,19 +121,26 @@ async def purge(conn: asyncpg.Connection | asyncpg.Pool) -> None:
 # process that died before settling them, and no longer count.
 STALE_PENDING = 60.0
 _PENDING = f"(CASE WHEN t.pending_at < now() - interval '{STALE_PENDING:.0f} seconds' THEN 0 ELSE t.pending END)"
-_FREE_OF = "(SELECT v.free FROM unnest($1::text[], $2::int[]) AS v(scope, free) WHERE v.scope = t.scope LIMIT 1)"
 _EXPIRED = "t.window_start < now() - make_interval(secs => $3)"
-# An attempt is admitted while the scope is not blocked and its failures plus the attempts in flight
-# stay within the allowance (past it: one attempt at a time after each block ends).
-_ADMITS = (f"((t.blocked_until IS NULL OR t.blocked_until <= now())"
-           f" AND (t.hits + {_PENDING} <= {_FREE_OF} OR (t.hits > {_FREE_OF} AND {_PENDING} = 0)))")
-_RESERVE = f"""
-    WITH refusing AS (
+
+
+def _reserve_sql(names: str = "$1::text[]", *, read: str = "", columns: str = "") -> str:
+    """The reservation statement over the scope names ``names`` (an SQL array; $2 their allowances,
+    $3 the window). ``read`` adds a CTE read in the same statement, and ``columns`` its columns to
+    the answer (one row even when the read finds none)."""
+    free_of = (f"(SELECT v.free FROM unnest({names}, $2::int[]) AS v(scope, free)"
+               f" WHERE v.scope = t.scope LIMIT 1)")
+    # An attempt is admitted while the scope is not blocked and its failures plus the attempts in
+    # flight stay within the allowance (past it: one attempt at a time after each block ends).
+    admits = (f"((t.blocked_until IS NULL OR t.blocked_until <= now())"
+              f" AND (t.hits + {_PENDING} <= {free_of} OR (t.hits > {free_of} AND {_PENDING} = 0)))")
+    return f"""
+    WITH {read + ", " if read else ""}refusing AS (
         SELECT t.scope, t.blocked_until FROM throttles t
-        WHERE t.scope = ANY($1::text[]) AND NOT {_EXPIRED} AND NOT {_ADMITS}
+        WHERE t.scope = ANY({names}) AND NOT {_EXPIRED} AND NOT {admits}
     ), taken AS (
         INSERT INTO throttles AS t (scope, hits, window_start, pending, pending_at)
-        SELECT u.scope, 0, now(), 1, now() FROM unnest($1::text[], $2::int[]) AS u(scope, free)
+        SELECT u.scope, 0, now(), 1, now() FROM unnest({names}, $2::int[]) AS u(scope, free)
         WHERE NOT EXISTS (SELECT 1 FROM refusing) ORDER BY u.scope
         ON CONFLICT (scope) DO UPDATE SET
             pending = {_PENDING} + 1,
@@ -130,13 +148,38 @@ _RESERVE = f"""
             hits = CASE WHEN {_EXPIRED} THEN 0 ELSE t.hits END,
             blocked_until = CASE WHEN {_EXPIRED} THEN NULL ELSE t.blocked_until END,
             window_start = CASE WHEN {_EXPIRED} THEN now() ELSE t.window_start END
-        WHERE {_EXPIRED} OR {_ADMITS}
+        WHERE {_EXPIRED} OR {admits}
         RETURNING t.scope
     )
     SELECT array(SELECT scope FROM taken) AS taken, array(SELECT scope FROM refusing) AS refusing,
            coalesce((SELECT max(extract(epoch FROM blocked_until - now())) FROM refusing
-                     WHERE blocked_until > now()), 0)::float8 AS wait
+                     WHERE blocked_until > now()), 0)::float8 AS wait,
+           {names} AS names{", " + columns if columns else ""}
 """
+
+
+_RESERVE = _reserve_sql()
+
+
+@dataclasses.dataclass(frozen=True)
+class Reading:
+    """A read done in the reservation's own statement, when a scope depends on it (sign-in: the
+    account a login names decides the account's scope). ``cte`` is the CTE (``name AS (...)``),
+    ``lead`` the SQL text of the scope it decides (it may read the CTE), with allowance ``free``,
+    put before the other scopes; ``columns`` what the answer returns of the CTE. Their parameters
+    start at $4 and are ``args``."""
+
+    cte: str
+    lead: str
+    free: int
+    columns: str
+    args: tuple[object, ...] = ()
+
+    @functools.cached_property
+    def sql(self) -> str:
+        return _reserve_sql(f"(ARRAY[{self.lead}]::text[] || $1::text[])", read=self.cte, columns=self.columns)
+
+
 # Every statement that writes several scopes locks their rows in the order of their names (the
 # upsert inserts in that order; updates lock first), so two of them never deadlock.
 _LOCKED = "locked AS (SELECT scope FROM throttles WHERE scope = ANY($1::text[]) ORDER BY scope FOR UPDATE)"
@@ -186,25 +229,40 @@ async def reserve(conn: asyncpg.Connection | asyncpg.Pool, scopes: list[tuple[st
     polls (with backoff) for those of other replicas. Settle every admitted attempt with
     :func:`fail`, :func:`settle` or :func:`release`. Returns 0 when admitted, else the seconds to
     wait."""
-    names = [s for s, _ in scopes]
-    frees = [f for _, f in scopes]
+    wait, _ = await _reserve(conn, _RESERVE, [s for s, _ in scopes], [f for _, f in scopes], (), window, busy_wait)
+    return wait
+
+
+async def reserve_reading(conn: asyncpg.Connection | asyncpg.Pool, reading: Reading, scopes: list[tuple[str, int]],
+                          *, window: int, busy_wait: float = 10.0) -> tuple[float, asyncpg.Record]:
+    """:func:`reserve` in ``reading.lead`` and ``scopes``, with ``reading`` done in the same statement
+    (one round trip instead of two). Returns the wait and the answer, whose ``names`` are the scopes
+    reserved (to settle) and which carries ``reading.columns``; the read is the one of the statement
+    that admitted or refused the attempt."""
+    return await _reserve(conn, reading.sql, [s for s, _ in scopes], [reading.free, *[f for _, f in scopes]],
+                          reading.args, window, busy_wait)
+
+
+async def _reserve(conn: asyncpg.Connection | asyncpg.Pool, sql: str, names: list[str], frees: list[int],
+                   args: tuple[object, ...], window: int, busy_wait: float) -> tuple[float, asyncpg.Record]:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + busy_wait
     poll = 0.05
     while True:
-        row = await conn.fetchrow(_RESERVE, names, frees, float(window))
+        row = await conn.fetchrow(sql, names, frees, float(window), *args)
         assert row is not None
+        every = list(row["names"])
         taken = list(row["taken"])
-        if len(taken) == len(names):
-            return 0.0
+        if len(taken) == len(every):
+            return 0.0, row
         if taken:  # another attempt took the last place between this statement's check and its write
             await _unpend(conn, taken)
             _wake(taken)
         if row["wait"] > 0:
-            return max(float(row["wait"]), 1.0)
+            return max(float(row["wait"]), 1.0), row
         if loop.time() >= deadline:
-            return 1.0
-        await _wait_for_place(list(row["refusing"]) or names, min(poll, max(0.0, deadline - loop.time())))
+            return 1.0, row
+        await _wait_for_place(list(row["refusing"]) or every, min(poll, max(0.0, deadline - loop.time())))
         poll = min(poll * 2, 1.0)
 
 
@@ -243,11 +301,66 @@ async def settle(conn: asyncpg.Connection | asyncpg.Pool, clear_scope: str, rele
     """A reserved attempt that succeeded, in one statement: ``clear_scope``'s failures are forgiven
     and its block lifted, and the attempt's place is given back in every scope."""
     names = [clear_scope, *[s for s, _ in release_scopes]]
+    await _settle_many(conn, {name: (1, name == clear_scope) for name in names})
+
+
+async def _settle_many(conn: asyncpg.Connection | asyncpg.Pool, settled: dict[str, tuple[int, bool]]) -> None:
+    """Settle many successes at once: per scope, how many places are given back and whether its
+    failures are forgiven."""
+    names = sorted(settled)
     await conn.execute(
-        f"WITH {_LOCKED} UPDATE throttles t SET pending = greatest(t.pending - 1, 0),"
-        " hits = CASE WHEN t.scope = $2 THEN 0 ELSE t.hits END,"
-        " blocked_until = CASE WHEN t.scope = $2 THEN NULL ELSE t.blocked_until END"
-        " FROM locked l WHERE t.scope = l.scope",
-        names, clear_scope,
+        f"WITH {_LOCKED}, u AS (SELECT * FROM unnest($1::text[], $2::int[], $3::bool[]) AS u(scope, n, clear))"
+        " UPDATE throttles t SET pending = greatest(t.pending - u.n, 0),"
+        " hits = CASE WHEN u.clear THEN 0 ELSE t.hits END,"
+        " blocked_until = CASE WHEN u.clear THEN NULL ELSE t.blocked_until END"
+        " FROM u JOIN locked l USING (scope) WHERE t.scope = u.scope",
+        names, [settled[n][0] for n in names], [settled[n][1] for n in names],
     )
     _wake(names)
+
+
+class Settler:
+    """:func:`settle` for one pool, coalesced under load: a settlement goes at once when none is in
+    flight; those that arrive meanwhile go together in the next statement (sign-ins from one
+    address all settle its scope: one statement and one row lock for several). Each caller returns
+    once its own settlement is committed, or gets the statement's error."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+        self._queued: list[tuple[str, list[str], asyncio.Future[None]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def settle(self, clear_scope: str, release_scopes: list[tuple[str, int]]) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(_retrieved)  # a caller cancelled meanwhile leaves no unread error behind
+        self._queued.append((clear_scope, [s for s, _ in release_scopes], future))
+        if self._task is None:
+            self._task = asyncio.create_task(self._drain())
+        await asyncio.shield(future)
+
+    async def _drain(self) -> None:
+        try:
+            while self._queued:
+                batch, self._queued = self._queued, []
+                settled: dict[str, tuple[int, bool]] = {}
+                for clear_scope, released, _ in batch:
+                    for name in (clear_scope, *released):
+                        n, clear = settled.get(name, (0, False))
+                        settled[name] = (n + 1, clear or name == clear_scope)
+                try:
+                    await _settle_many(self.pool, settled)
+                except Exception as exc:  # each caller gets it, as if it had settled alone
+                    for *_, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                else:
+                    for *_, future in batch:
+                        if not future.done():
+                            future.set_result(None)
+        finally:
+            self._task = None
+
+
+def _retrieved(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()

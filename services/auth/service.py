@@ -53,6 +53,9 @@ MAX_PASSWORD = 1024
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?"
 _EMAIL = re.compile(rf"^[^@\s\x00-\x1f]{{1,64}}@{_LABEL}(?:\.{_LABEL})+$")
 _USERNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{2,31}$")
+# Sign-in budgets: the account's, whichever login names it, or the login string's when none does.
+_ACCOUNT_SCOPE = "signin:account:"
+_LOGIN_SCOPE = "signin:login:"
 
 
 @lru_cache(maxsize=1)
@@ -121,6 +124,7 @@ class Auth:
     def __init__(self, settings: Settings, pool: asyncpg.Pool, passwords: Passwords, topics: Topics) -> None:
         self.s = settings
         self.pool = pool
+        self.settler = throttle.Settler(pool)  # sign-in successes, coalesced under load
         self.passwords = passwords
         self.sealer = Sealer(settings.seal_keys.get_secret_value())
         self.topics = topics
@@ -170,9 +174,19 @@ class Auth:
         """The account's budget (whichever login names it; the login string when no account has
         it, so both behave alike) and the address's budget."""
         s = self.s
-        first = f"signin:account:{account.id}" if account is not None else f"signin:login:{login_norm}"
+        first = f"{_ACCOUNT_SCOPE}{account.id}" if account is not None else f"{_LOGIN_SCOPE}{login_norm}"
         return [(first, s.signin_free_failures_per_login),
                 (f"signin:addr:{address}", s.signin_free_failures_per_address)]
+
+    async def _reserve_login(self, login_norm: str, address: str) -> tuple[store.Account | None, list[tuple[str, int]]]:
+        """Sign-in's account lookup and its reservation (see _signin_scopes) in one statement."""
+        s = self.s
+        reading = store.login_reading(login_norm, f"{_LOGIN_SCOPE}{login_norm}", _ACCOUNT_SCOPE,
+                                      s.signin_free_failures_per_login)
+        address_scope = (f"signin:addr:{address}", s.signin_free_failures_per_address)
+        wait, row = await throttle.reserve_reading(self.pool, reading, [address_scope], window=s.signin_window)
+        throttle.refuse_if_waiting(wait, SignInThrottled, "Too many failed attempts")
+        return store.account_of(row), [(row["names"][0], s.signin_free_failures_per_login), address_scope]
 
     async def _reserve(self, scopes: list[tuple[str, int]]) -> None:
         """Reserve this attempt before hashing (atomically, in SQL): parallel guesses are held to the
@@ -185,7 +199,7 @@ class Auth:
 
     async def _succeeded(self, scopes: list[tuple[str, int]]) -> None:
         """A right password: the account's failures are forgiven, the address's reserved attempt taken back."""
-        await throttle.settle(self.pool, scopes[0][0], scopes[1:])
+        await self.settler.settle(scopes[0][0], scopes[1:])
 
     async def authenticate(self, login: str | None, password: str | None, address: str,
                            verification_code: str | None = None) -> store.Account:
@@ -194,9 +208,7 @@ class Auth:
         if not login or not password or len(login) > 254 or len(password) > MAX_PASSWORD:
             raise BadCredentials()
         login_norm = normalise_login(login)
-        account = await store.find_by_login(self.pool, login_norm)
-        scopes = self._signin_scopes(account, login_norm, address)
-        await self._reserve(scopes)
+        account, scopes = await self._reserve_login(login_norm, address)
         result: VerifyResult | None = None
         try:
             if account is None:

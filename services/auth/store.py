@@ -6,11 +6,14 @@ token is redeemed with one conditional UPDATE, so two concurrent redemptions can
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID
 
 import asyncpg
+
+from shared import throttle
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,25 @@ async def find_by_login(conn: asyncpg.Connection | asyncpg.Pool, login_norm: str
     """By normalised email or username (:func:`login_column`)."""
     return _account(await conn.fetchrow(f"SELECT {_READ} FROM accounts WHERE {login_column(login_norm)} = $1",
                                         login_norm))
+
+
+_FIELDS = [f.name for f in dataclasses.fields(Account)]
+
+
+def login_reading(login_norm: str, unknown_scope: str, account_scope_prefix: str, free: int) -> throttle.Reading:
+    """Sign-in's account lookup, done inside its throttle reservation (one round trip): the lead
+    scope is ``account_scope_prefix`` + the account id when the login names an account, else
+    ``unknown_scope``; the answer carries the account's columns (all NULL when there is none)."""
+    return throttle.Reading(
+        cte=f"acct AS (SELECT {_READ} FROM accounts WHERE {login_column(login_norm)} = $4)",
+        lead="coalesce($5 || (SELECT id::text FROM acct), $6)", free=free,
+        columns=", ".join(f"(SELECT {c} FROM acct) AS {c}" for c in _FIELDS),
+        args=(login_norm, account_scope_prefix, unknown_scope))
+
+
+def account_of(row: asyncpg.Record) -> Account | None:
+    """The account in a :func:`login_reading` answer."""
+    return Account(**{c: row[c] for c in _FIELDS}) if row["id"] is not None else None
 
 
 async def find_by_id(conn: asyncpg.Connection | asyncpg.Pool, account_id: UUID) -> Account | None:

@@ -148,10 +148,20 @@ async def _status(conn: asyncpg.Connection | asyncpg.Pool, account_id: uuid.UUID
         " FROM two_factor WHERE account_id = $1", account_id)
 
 
-async def _use_step(conn: asyncpg.Connection | asyncpg.Pool, account_id: uuid.UUID, step: int) -> bool:
+_STATUS_COLUMNS = ("sealed_secret", "enabled_at", "pending_expires_at", "last_used_step", "codes_left")
+# The status read inside the code budget's statement ($5: the account).
+_STATUS_READ = ("tfs AS (SELECT sealed_secret, enabled_at, pending_expires_at, last_used_step,"
+                " (SELECT count(*) FROM recovery_codes r WHERE r.account_id = $5 AND r.used_at IS NULL) AS codes_left"
+                " FROM two_factor WHERE account_id = $5)")
+
+
+async def _use_step(conn: asyncpg.Connection | asyncpg.Pool, account_id: uuid.UUID, step: int, scope: str) -> bool:
+    """Use the time step once (no replay) and, when it was unused, forgive the code budget's
+    attempts in ``scope``, in one statement."""
     done = await conn.fetchval(
-        "UPDATE two_factor SET last_used_step = $2 WHERE account_id = $1 AND enabled_at IS NOT NULL"
-        " AND last_used_step < $2 RETURNING 1", account_id, step)
+        "WITH used AS (UPDATE two_factor SET last_used_step = $2 WHERE account_id = $1 AND enabled_at IS NOT NULL"
+        f" AND last_used_step < $2 RETURNING 1), {throttle.clearing('$3', 'EXISTS (SELECT 1 FROM used)')}"
+        " SELECT count(*) FROM used", account_id, step, scope)
     return bool(done)
 
 
@@ -297,17 +307,22 @@ class TwoFactor:
     def _scope(self, account_id: uuid.UUID) -> str:
         return f"2fa:account:{account_id}"
 
-    async def _reserve(self, account_id: uuid.UUID) -> None:
+    async def _reserve(self, account_id: uuid.UUID) -> asyncpg.Record | None:
+        """Count the attempt against the account's code budget; the account's two-step status (read
+        in the same statement), or None when it has none."""
         s = self.s
-        wait = await throttle.count_attempt(self.pool, self._scope(account_id), free=s.two_factor_free_failures,
-                                            window=s.two_factor_window, max_block=s.signin_max_block)
+        wait, row = await throttle.count_attempt(
+            self.pool, self._scope(account_id), free=s.two_factor_free_failures, window=s.two_factor_window,
+            max_block=s.signin_max_block, read=_STATUS_READ,
+            columns=", ".join(f"(SELECT {c} FROM tfs) AS {c}" for c in _STATUS_COLUMNS), args=(account_id,))
         throttle.refuse_if_waiting(wait, SignInThrottled, "Too many wrong verification codes")
+        return row if row["sealed_secret"] is not None else None
 
     async def _clear(self, account_id: uuid.UUID) -> None:
         await throttle.clear(self.pool, self._scope(account_id))
 
     async def verify(self, account: store.Account, code: str | None, *, emit_recovery: bool = True,
-                     row: asyncpg.Record | None = None, conn: asyncpg.Connection | None = None) -> str:
+                     conn: asyncpg.Connection | None = None) -> str:
         """Accept a current TOTP code (once per time step) or an unused recovery code; returns
         ``totp`` or ``recovery``. Raises TwoFactorRequired, WrongVerificationCode, SignInThrottled.
         With ``conn`` (in a transaction), the code is used up in that transaction: if it rolls back,
@@ -317,10 +332,9 @@ class TwoFactor:
             raise TwoFactorRequired()
         if len(code) > 64:
             raise WrongVerificationCode()
-        await self._reserve(account.id)
+        row = await self._reserve(account.id)
         compact = code.replace(" ", "")
         if _TOTP.match(compact):
-            row = row or await _status(self.pool, account.id)
             if row is None or row["enabled_at"] is None:
                 raise WrongVerificationCode()
             try:
@@ -328,9 +342,8 @@ class TwoFactor:
             except SealError:
                 raise WrongVerificationCode() from None  # a key was removed from TWO_FACTOR_SEAL_KEYS
             step = matching_step(secret, compact)
-            if step is None or not await _use_step(conn or self.pool, account.id, step):
+            if step is None or not await _use_step(conn or self.pool, account.id, step, self._scope(account.id)):
                 raise WrongVerificationCode()
-            await self._clear(account.id)
             return "totp"
         if conn is not None:
             await self._redeem(conn, account, code, emit_recovery)

@@ -71,3 +71,53 @@ async def test_a_reservation_left_by_a_dead_process_stops_counting_after_a_minut
         assert await pool.fetchval("SELECT pending FROM throttles WHERE scope = $1", scopes[0][0]) == 1
     finally:
         await pool.close()
+
+
+async def test_a_reservation_with_a_reading_reserves_the_scope_the_read_decides(scratch_db: str) -> None:
+    """Sign-in's shape: the lead scope comes from a read in the same statement (the account a login
+    names, else the login string), the answer carries the read, and a refusal writes nothing."""
+    pool = await asyncpg.create_pool(scratch_db, min_size=1, max_size=2)
+    try:
+        await pool.execute("CREATE TABLE people (id int PRIMARY KEY, login text UNIQUE)")
+        await pool.execute("INSERT INTO people VALUES (7, 'ann')")
+
+        def reading(login: str) -> throttle.Reading:
+            return throttle.Reading(cte="p AS (SELECT id, login FROM people WHERE login = $4)",
+                                    lead="coalesce('person:' || (SELECT id::text FROM p), 'login:' || $4)", free=1,
+                                    columns="(SELECT id FROM p) AS id", args=(login,))
+
+        wait, row = await throttle.reserve_reading(pool, reading("ann"), [("addr:x", 5)], window=900)
+        assert wait == 0 and row["id"] == 7 and list(row["names"]) == ["person:7", "addr:x"]
+        wait, row = await throttle.reserve_reading(pool, reading("bob"), [("addr:x", 5)], window=900)
+        assert wait == 0 and row["id"] is None and list(row["names"]) == ["login:bob", "addr:x"]
+        await throttle.fail(pool, [("person:7", 1), ("addr:x", 5)], window=900, max_block=60)
+        await throttle.fail(pool, [("person:7", 1), ("addr:x", 5)], window=900, max_block=60)  # blocks person:7
+        before = await pool.fetchval("SELECT pending FROM throttles WHERE scope = 'addr:x'")
+        wait, row = await throttle.reserve_reading(pool, reading("ann"), [("addr:x", 5)], window=900, busy_wait=0.2)
+        assert wait >= 1 and row["id"] == 7
+        assert await pool.fetchval("SELECT pending FROM throttles WHERE scope = 'addr:x'") == before
+    finally:
+        await pool.close()
+
+
+async def test_coalesced_settlements_give_back_every_place_and_forgive_the_failures(scratch_db: str) -> None:
+    """Settler: concurrent successes go in shared statements; each place is given back once, each
+    settled account's failures are forgiven, and an address shared by all of them ends at 0."""
+    pool = await asyncpg.create_pool(scratch_db, min_size=4, max_size=8)
+    try:
+        settler = throttle.Settler(pool)
+        for i in range(8):
+            assert await throttle.reserve(pool, [(f"signin:account:{i}", 5)], window=900) == 0
+            await throttle.fail(pool, [(f"signin:account:{i}", 5)], window=900, max_block=60)
+
+        async def attempt(i: int) -> None:
+            scopes = [(f"signin:account:{i % 8}", 1000), ("signin:addr:192.0.2.9", 100000)]
+            assert await throttle.reserve(pool, scopes, window=900) == 0
+            await settler.settle(scopes[0][0], scopes[1:])
+
+        await asyncio.wait_for(asyncio.gather(*(attempt(i) for i in range(200))), 60)
+        rows = await pool.fetch("SELECT scope, pending, hits FROM throttles ORDER BY scope")
+        assert all(r["pending"] == 0 and r["hits"] == 0 for r in rows), rows
+        assert len(rows) == 9
+    finally:
+        await pool.close()
