@@ -139,6 +139,7 @@ class LinkCodes:
         capacity = len(alphabet) ** length
         draw = 8
         for _ in range(20):
+            full_draw = draw >= 256
             candidates = list({tokens.random_code(alphabet, length) for _ in range(min(draw, capacity))})
             draw = min(256, draw * 4)
             hmacs = {c: self._hmac(c, "pin") for c in candidates}
@@ -149,7 +150,8 @@ class LinkCodes:
                 pin = await store.insert_pin(conn, hmacs[code], False, client, device, self.s.pin_ttl)
                 if pin is not None:
                     return CreatedPin(pin, code)
-            if await store.live_short_pins(conn) >= capacity:
+            # Counting the live PINs is slow when the space is nearly full: only after a full draw found none.
+            if full_draw and await store.live_short_pins(conn) >= capacity:
                 break
         raise CodeSpaceFull()
 
