@@ -13,7 +13,7 @@ from services.auth import routes, store, two_factor
 from services.auth.minting import MintBatcher
 from services.auth.service import Auth, Topics
 from services.auth.settings import Settings
-from shared import cors, throttle
+from shared import cors, db, throttle
 from shared.app import POOL, SettingsOf, base_app, periodic_ctx, pool_ctx, producer_ctx, relay_ctx
 from shared.crypto import parse_keys
 from shared.events import AUTH_EVENTS
@@ -33,7 +33,13 @@ async def auth_ctx(app: web.Application) -> AsyncIterator[None]:
     peppers = parse_keys(s.password_peppers.get_secret_value()) if s.password_peppers.get_secret_value() else {}
     passwords = Passwords(HashParams(s.argon2_memory_kib, s.argon2_time_cost, s.argon2_parallelism),
                           peppers=peppers, concurrency=s.argon2_concurrency, nice=s.argon2_nice)
-    app[routes.AUTH] = Auth(s, app[POOL], passwords, Topics(auth_events=s.topic(AUTH_EVENTS)))
+    # Sign-in's throttle counters commit asynchronously (they do not wait for the WAL flush): a
+    # database crash can lose the last fraction of a second of them, which at worst gives back a
+    # place or forgets a failure counted in that instant; accounts, passwords, two-step state and
+    # every token stay on the main pool.
+    counters = await db.create_pool(s.db_url(), min_size=1, max_size=max(2, s.db_pool_max // 2),
+                                    server_settings={"synchronous_commit": "off"})
+    app[routes.AUTH] = Auth(s, app[POOL], passwords, Topics(auth_events=s.topic(AUTH_EVENTS)), counters=counters)
     app[routes.DEVICESESSION] = InternalClient(s.devicesession_url, s.internal_api_secret.get_secret_value())
     app[routes.MINTER] = MintBatcher(app[routes.DEVICESESSION], window=s.mint_batch_window_ms / 1000,
                                      busy=lambda: passwords.in_flight)
@@ -46,6 +52,7 @@ async def auth_ctx(app: web.Application) -> AsyncIterator[None]:
     await app[routes.MINTER].close()
     await app[routes.DEVICESESSION].close()
     passwords.close()
+    await counters.close()
 
 
 async def housekeeping(app: web.Application) -> None:

@@ -121,10 +121,14 @@ class Topics:
 class Auth:
     """The service object: settings, pool, hasher, sealer."""
 
-    def __init__(self, settings: Settings, pool: asyncpg.Pool, passwords: Passwords, topics: Topics) -> None:
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, passwords: Passwords, topics: Topics, *,
+                 counters: asyncpg.Pool | None = None) -> None:
         self.s = settings
         self.pool = pool
-        self.settler = throttle.Settler(pool)  # sign-in successes, coalesced under load
+        # Sign-in's and two-step's throttle writes (reservations, settlements, failures): a pool whose
+        # commits do not wait for the WAL flush (see app.py); the main pool when none is given.
+        self.counters = counters or pool
+        self.settler = throttle.Settler(self.counters)  # sign-in successes, coalesced under load
         self.passwords = passwords
         self.sealer = Sealer(settings.seal_keys.get_secret_value())
         self.topics = topics
@@ -184,18 +188,18 @@ class Auth:
         reading = store.login_reading(login_norm, f"{_LOGIN_SCOPE}{login_norm}", _ACCOUNT_SCOPE,
                                       s.signin_free_failures_per_login)
         address_scope = (f"signin:addr:{address}", s.signin_free_failures_per_address)
-        wait, row = await throttle.reserve_reading(self.pool, reading, [address_scope], window=s.signin_window)
+        wait, row = await throttle.reserve_reading(self.counters, reading, [address_scope], window=s.signin_window)
         throttle.refuse_if_waiting(wait, SignInThrottled, "Too many failed attempts")
         return store.account_of(row), [(row["names"][0], s.signin_free_failures_per_login), address_scope]
 
     async def _reserve(self, scopes: list[tuple[str, int]]) -> None:
         """Reserve this attempt before hashing (atomically, in SQL): parallel guesses are held to the
         budget; settled by _failed or _succeeded."""
-        wait = await throttle.reserve(self.pool, scopes, window=self.s.signin_window)
+        wait = await throttle.reserve(self.counters, scopes, window=self.s.signin_window)
         throttle.refuse_if_waiting(wait, SignInThrottled, "Too many failed attempts")
 
     async def _failed(self, scopes: list[tuple[str, int]]) -> None:
-        await throttle.fail(self.pool, scopes, window=self.s.signin_window, max_block=self.s.signin_max_block)
+        await throttle.fail(self.counters, scopes, window=self.s.signin_window, max_block=self.s.signin_max_block)
 
     async def _succeeded(self, scopes: list[tuple[str, int]]) -> None:
         """A right password: the account's failures are forgiven, the address's reserved attempt taken back."""
@@ -219,7 +223,7 @@ class Auth:
                 if not result.ok and not verification_code:
                     password, verification_code, result = await self._appended_code(account, password, result)
         except BaseException:
-            await throttle.release(self.pool, scopes)
+            await throttle.release(self.counters, scopes)
             raise
         if account is None or result is None or not result.ok:
             await self._failed(scopes)
@@ -255,7 +259,7 @@ class Auth:
         try:
             ok = (await self.passwords.verify(account.password_hash, password)).ok
         except BaseException:
-            await throttle.release(self.pool, scopes)
+            await throttle.release(self.counters, scopes)
             raise
         if not ok:
             await self._failed(scopes)

@@ -312,7 +312,7 @@ class TwoFactor:
         in the same statement), or None when it has none."""
         s = self.s
         wait, row = await throttle.count_attempt(
-            self.pool, self._scope(account_id), free=s.two_factor_free_failures, window=s.two_factor_window,
+            self.auth.counters, self._scope(account_id), free=s.two_factor_free_failures, window=s.two_factor_window,
             max_block=s.signin_max_block, read=_STATUS_READ,
             columns=", ".join(f"(SELECT {c} FROM tfs) AS {c}" for c in _STATUS_COLUMNS), args=(account_id,))
         throttle.refuse_if_waiting(wait, SignInThrottled, "Too many wrong verification codes")
