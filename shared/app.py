@@ -279,7 +279,7 @@ def client_address(request: web.Request) -> str:
     return known
 
 
-_CLIENT_ADDRESS = "hearth.client_address"
+_CLIENT_ADDRESS: web.RequestKey[str] = web.RequestKey("hearth_client_address", str)
 
 
 def _client_address(request: web.Request) -> str:
