@@ -8,7 +8,8 @@ Port variables are named after the launcher's port keys: ``AUTH_PORT`` and ``AUT
 two replicas of auth, ``AUTH_LB_PORT`` for its internal balancer (served by the edge container),
 ``KAFKA_PORT``/``KAFKA_2_PORT``/``KAFKA_3_PORT`` and ``KAFKA_CONTROLLER_PORT``... for the brokers,
 ``HOLDER_BASEMENT_2_PORT`` for the second instance of the basement holder, ``PG_PORT``,
-``SMTP_PORT``, ``EDGE_PORT``.
+``SMTP_PORT``, ``EDGE_PORT``. ``ARGON2_CONCURRENCY`` splits this host's CPUs between the two auth
+replicas (edit it when the replicas run on hosts of their own).
 
 An existing file keeps its secrets (so a second `up` can still read the first one's data) and gets
 any missing ones added; the file is mode 0600 and is never committed (.gitignore).
@@ -21,6 +22,7 @@ import secrets
 from pathlib import Path
 
 from deploy.launcher import default_ports, free_port, load_or_create_secrets, new_kafka_cluster_id
+from shared.passwords import usable_cpus
 
 # The topology of deploy/compose.yaml, the same as the launcher's cluster topology.
 BROKERS = 3
@@ -52,6 +54,8 @@ def write(path: Path, *, fixed: bool = False) -> dict[str, str]:
         extra["POSTGRES_PASSWORD"] = secrets.token_urlsafe(24)
     if "KAFKA_CLUSTER_ID" not in values:  # every broker is formatted with it, once
         extra["KAFKA_CLUSTER_ID"] = new_kafka_cluster_id()
+    if "ARGON2_CONCURRENCY" not in values:  # the auth replicas share this host's cores (as in the launcher)
+        extra["ARGON2_CONCURRENCY"] = str(max(1, usable_cpus() // REPLICAS))
     if extra:
         values.update(extra)
         path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))

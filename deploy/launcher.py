@@ -41,6 +41,7 @@ from typing import IO, Any
 import orjson
 
 from shared.logs import redact
+from shared.passwords import usable_cpus
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -846,8 +847,12 @@ class Stack:
         wait_port(self.ports["smtp"], 30, "SMTP sink", child.proc)
 
     def service_env(self, name: str, port: int, key: str | None = None) -> dict[str, str]:
-        return {**self.env, "SERVICE_NAME": name, "HTTP_PORT": str(port),
-                "INSTANCE_ID": self.instance_id(key or name)}
+        env = {**self.env, "SERVICE_NAME": name, "HTTP_PORT": str(port), "INSTANCE_ID": self.instance_id(key or name)}
+        if name == "auth" and self.replicas > 1 and not env.get("ARGON2_CONCURRENCY"):
+            # The replicas share this machine's cores: each hashes on its share of them (more
+            # hashing threads than cores cost every hash CPU: README, benchmarks).
+            env["ARGON2_CONCURRENCY"] = str(max(1, usable_cpus() // self.replicas))
+        return env
 
     def start_service(self, name: str, key: str | None = None) -> Child:
         """Start replica ``key`` (default: the first) of service ``name``."""

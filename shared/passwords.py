@@ -2,7 +2,9 @@
 
 - Default cost: 19 MiB, 2 passes, parallelism 1 (OWASP's minimum for argon2id); configurable.
 - Hashing runs in a thread pool of ``concurrency`` workers (argon2-cffi releases the GIL), and a
-  semaphore bounds how many hashes are in flight, since each one holds its memory cost.
+  semaphore bounds how many hashes are in flight, since each one holds its memory cost. By default
+  (``concurrency=0``) there is one worker per CPU this process may use (:func:`usable_cpus`): more
+  hashing threads than cores only adds preemptions and cache misses to every hash.
 - Pepper: the password is first keyed with HMAC-SHA256 under a server secret that never enters the
   database, so a stolen database alone cannot be cracked. The stored record is
   ``<pepper key id>$<argon2 hash>`` (``-`` when no pepper), so peppers can rotate: an old record
@@ -61,6 +63,25 @@ def _lower_priority(nice: int) -> None:
             pass
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota
+    (``cpu.max``, as a container's or pod's CPU limit sets it), rounded up; at least 1."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    try:
+        with open("/proc/self/cgroup") as fh:
+            path = next((line.strip().split(":", 2)[2] for line in fh if line.startswith("0::")), "/")
+        with open(f"/sys/fs/cgroup{path.rstrip('/')}/cpu.max") as fh:
+            quota, period = fh.read().split()
+        if quota != "max":
+            cpus = min(cpus, -(-int(quota) // int(period)))
+    except (OSError, ValueError, StopIteration):
+        pass
+    return max(1, cpus)
+
+
 # Every argon2 computation (hash, verify, dummy verify): lets a test count what a throttle let through.
 HASHES = Counter("hearth_password_hashes_total", "argon2 computations started (hash, verify, dummy verify)")
 
@@ -71,10 +92,12 @@ class Passwords:
         params: HashParams = HashParams(),
         *,
         peppers: dict[str, bytes] | None = None,
-        concurrency: int = 2,
+        concurrency: int = 0,
         nice: int = 0,
     ) -> None:
         self.params = params
+        concurrency = concurrency or usable_cpus()
+        self.concurrency = concurrency
         self.hasher = PasswordHasher(
             time_cost=params.time_cost,
             memory_cost=params.memory_kib,

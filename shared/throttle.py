@@ -175,9 +175,15 @@ class Reading:
     columns: str
     args: tuple[object, ...] = ()
 
-    @functools.cached_property
+    @property
     def sql(self) -> str:
-        return _reserve_sql(f"(ARRAY[{self.lead}]::text[] || $1::text[])", read=self.cte, columns=self.columns)
+        return _reading_sql(self.cte, self.lead, self.columns)
+
+
+@functools.lru_cache(maxsize=64)
+def _reading_sql(cte: str, lead: str, columns: str) -> str:
+    """A :class:`Reading`'s statement, built once per shape (a Reading is made per attempt)."""
+    return _reserve_sql(f"(ARRAY[{lead}]::text[] || $1::text[])", read=cte, columns=columns)
 
 
 # Every statement that writes several scopes locks their rows in the order of their names (the

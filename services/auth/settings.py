@@ -17,8 +17,10 @@ class Settings(CommonSettings):
     argon2_memory_kib: int = 19 * 1024
     argon2_time_cost: int = 2
     argon2_parallelism: int = 1
-    # Hashes computed at once (threads); each holds ARGON2_MEMORY_KIB while it runs.
-    argon2_concurrency: int = 2
+    # Hashes computed at once (threads); each holds ARGON2_MEMORY_KIB while it runs. 0: one per CPU
+    # this process may use (affinity and cgroup CPU limit). Replicas sharing one machine's cores
+    # should split them (the launcher's cluster topology does).
+    argon2_concurrency: int = Field(default=0, ge=0, le=256)
     # How far below normal priority the hashing threads run (nice increment, Linux): request handling
     # preempts hashing at once; hashing still gets every otherwise idle cycle. 0 disables.
     argon2_nice: int = Field(default=10, ge=0, le=19)

@@ -69,15 +69,20 @@ async def find_by_login(conn: asyncpg.Connection | asyncpg.Pool, login_norm: str
 _FIELDS = [f.name for f in dataclasses.fields(Account)]
 
 
+# The account's columns in a login_reading answer (all NULL when the login names no account).
+_ACCT_ANSWER = ", ".join(f"(SELECT {c} FROM acct) AS {c}" for c in _FIELDS)
+# The lookup CTE per login column ($4: the normalised login), built once.
+_ACCT_CTE = {column: f"acct AS (SELECT {_READ} FROM accounts WHERE {column} = $4)"
+             for column in ("email_norm", "username_norm")}
+_ACCT_LEAD = "coalesce($5 || (SELECT id::text FROM acct), $6)"
+
+
 def login_reading(login_norm: str, unknown_scope: str, account_scope_prefix: str, free: int) -> throttle.Reading:
     """Sign-in's account lookup, done inside its throttle reservation (one round trip): the lead
     scope is ``account_scope_prefix`` + the account id when the login names an account, else
     ``unknown_scope``; the answer carries the account's columns (all NULL when there is none)."""
-    return throttle.Reading(
-        cte=f"acct AS (SELECT {_READ} FROM accounts WHERE {login_column(login_norm)} = $4)",
-        lead="coalesce($5 || (SELECT id::text FROM acct), $6)", free=free,
-        columns=", ".join(f"(SELECT {c} FROM acct) AS {c}" for c in _FIELDS),
-        args=(login_norm, account_scope_prefix, unknown_scope))
+    return throttle.Reading(cte=_ACCT_CTE[login_column(login_norm)], lead=_ACCT_LEAD, free=free,
+                            columns=_ACCT_ANSWER, args=(login_norm, account_scope_prefix, unknown_scope))
 
 
 def account_of(row: asyncpg.Record) -> Account | None:

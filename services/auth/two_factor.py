@@ -141,18 +141,22 @@ def matching_step(secret: str, code: str, now: float | None = None) -> int | Non
 # --------------------------------------------------------------------------------- SQL
 
 
+def _status_select(account: str) -> str:
+    """The two-step status of the account in parameter ``account``."""
+    return ("SELECT sealed_secret, enabled_at, pending_expires_at, last_used_step,"
+            f" (SELECT count(*) FROM recovery_codes r WHERE r.account_id = {account} AND r.used_at IS NULL)"
+            f" AS codes_left FROM two_factor WHERE account_id = {account}")
+
+
+_STATUS_SQL = _status_select("$1")
+# The status read inside the code budget's statement ($5: the account), and its columns in the answer.
+_STATUS_READ = f"tfs AS ({_status_select('$5')})"
+_STATUS_ANSWER = ", ".join(f"(SELECT {c} FROM tfs) AS {c}" for c in
+                           ("sealed_secret", "enabled_at", "pending_expires_at", "last_used_step", "codes_left"))
+
+
 async def _status(conn: asyncpg.Connection | asyncpg.Pool, account_id: uuid.UUID) -> asyncpg.Record | None:
-    return await conn.fetchrow(
-        "SELECT sealed_secret, enabled_at, pending_expires_at, last_used_step,"
-        " (SELECT count(*) FROM recovery_codes r WHERE r.account_id = $1 AND r.used_at IS NULL) AS codes_left"
-        " FROM two_factor WHERE account_id = $1", account_id)
-
-
-_STATUS_COLUMNS = ("sealed_secret", "enabled_at", "pending_expires_at", "last_used_step", "codes_left")
-# The status read inside the code budget's statement ($5: the account).
-_STATUS_READ = ("tfs AS (SELECT sealed_secret, enabled_at, pending_expires_at, last_used_step,"
-                " (SELECT count(*) FROM recovery_codes r WHERE r.account_id = $5 AND r.used_at IS NULL) AS codes_left"
-                " FROM two_factor WHERE account_id = $5)")
+    return await conn.fetchrow(_STATUS_SQL, account_id)
 
 
 async def _use_step(conn: asyncpg.Connection | asyncpg.Pool, account_id: uuid.UUID, step: int, scope: str) -> bool:
@@ -313,8 +317,7 @@ class TwoFactor:
         s = self.s
         wait, row = await throttle.count_attempt(
             self.auth.counters, self._scope(account_id), free=s.two_factor_free_failures, window=s.two_factor_window,
-            max_block=s.signin_max_block, read=_STATUS_READ,
-            columns=", ".join(f"(SELECT {c} FROM tfs) AS {c}" for c in _STATUS_COLUMNS), args=(account_id,))
+            max_block=s.signin_max_block, read=_STATUS_READ, columns=_STATUS_ANSWER, args=(account_id,))
         throttle.refuse_if_waiting(wait, SignInThrottled, "Too many wrong verification codes")
         return row if row["sealed_secret"] is not None else None
 

@@ -5,6 +5,7 @@ per replica, and (compose) three KRaft brokers and an edge that balances over ev
 
 from __future__ import annotations
 
+import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -15,6 +16,7 @@ import yaml
 
 from deploy import compose_env
 from deploy.launcher import SERVICES, Stack
+from shared.passwords import usable_cpus
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.unit
@@ -152,3 +154,24 @@ def test_the_compose_edge_renders_the_same_upstreams_and_balancers_as_the_launch
     assert includes(tmp_path / "edge") == includes(tmp_path / "launcher")
     assert sorted(includes(tmp_path / "edge")) == ["internal-lb.conf", *(f"upstream-{s}.conf" for s in
                                                                          ("auth", "devicesession", "linkcode", "web"))]
+
+
+def test_co_located_auth_replicas_split_the_cores_for_hashing(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.delenv("ARGON2_CONCURRENCY", raising=False)
+    share = str(max(1, usable_cpus() // compose_env.REPLICAS))
+    stack = Stack(tmp_path, console=False, fixed_ports=True, topology="cluster")
+    stack.env = {}
+    assert stack.service_env("auth", 1, "auth#2")["ARGON2_CONCURRENCY"] == share
+    assert "ARGON2_CONCURRENCY" not in stack.service_env("devicesession", 2)
+    stack.env = {"ARGON2_CONCURRENCY": "3"}  # an operator's choice wins
+    assert stack.service_env("auth", 1)["ARGON2_CONCURRENCY"] == "3"
+    single = Stack(tmp_path, console=False, fixed_ports=True)
+    single.env = {}
+    assert "ARGON2_CONCURRENCY" not in single.service_env("auth", 1)  # 0 in auth: every usable CPU
+    assert compose_env.write(tmp_path / "compose.env")["ARGON2_CONCURRENCY"] == share
+    for name in ("auth-1", "auth-2"):
+        assert COMPOSE[name]["environment"]["ARGON2_CONCURRENCY"] == "${ARGON2_CONCURRENCY:-0}"
+
+
+def test_usable_cpus_is_within_the_affinity_mask() -> None:
+    assert 1 <= usable_cpus() <= len(os.sched_getaffinity(0))
