@@ -32,7 +32,9 @@ def make_producer(bootstrap: str, *, client_id: str = "hearth") -> AIOKafkaProdu
         client_id=client_id,
         enable_idempotence=True,
         acks="all",
-        linger_ms=2,
+        # No linger: the relay hands a whole batch over before the sender runs, so it goes as one
+        # request anyway, and a lone event (a revocation) should not wait for company.
+        linger_ms=0,
         request_timeout_ms=10_000,
         retry_backoff_ms=200,
         max_batch_size=256 * 1024,

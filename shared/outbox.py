@@ -151,13 +151,16 @@ class OutboxRelay:
             await conn.add_listener("outbox", lambda *_: self._wake.set())
             last_purge = 0.0
             while not self._stopping:
+                # Cleared before the batch is read, so a NOTIFY for a row committed while this batch
+                # is in flight wakes the wait below at once (cleared after, it was lost, and that row
+                # waited for the next commit or the poll).
+                self._wake.clear()
                 published = await self.publish_batch()
                 if published >= self.batch_size:
                     continue  # more waiting: no sleep
                 if time.monotonic() - last_purge > 60:
                     await self._purge()
                     last_purge = time.monotonic()
-                self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.poll_interval)
         finally:
@@ -196,6 +199,10 @@ class OutboxRelay:
             except Exception:
                 OUTBOX_FAILURES.labels(self.service).inc()
                 raise
+            # The stamp commits asynchronously: a crash that loses it re-sends the batch, which
+            # at-least-once delivery already allows (consumers deduplicate by event id), and the
+            # next batch does not wait for this one's WAL flush.
+            await conn.execute("SET LOCAL synchronous_commit = off")
             await conn.execute(
                 "UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[])", [r["id"] for r in rows]
             )

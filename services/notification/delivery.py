@@ -171,11 +171,11 @@ class Sender:
                         await asyncio.wait_for(self.space.wait(), 1.0)
                     continue
                 free = self.queue.maxsize - self.queue.qsize()
+                self.wake.clear()  # before the claim: a wake-up for a row committed during it is kept
                 batch = await store.claim_due(self.pool, max(1, free))
                 for d in batch:
                     await self.queue.put(d)
                 if not batch:
-                    self.wake.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self.wake.wait(), 0.5)
             except asyncio.CancelledError:

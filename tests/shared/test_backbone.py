@@ -107,6 +107,48 @@ async def test_relay_keeps_per_key_order(infra: Infra, relay_setup, topic: str):
         assert values == sorted(values)
 
 
+class _CommitDuringBatch(OutboxRelay):
+    """A relay that commits one more row while its first batch is in flight (and waits for that
+    row's NOTIFY to arrive), as a busy service's next event does."""
+
+    topic = ""
+    late: Envelope | None = None
+
+    async def publish_batch(self) -> int:
+        published = await super().publish_batch()
+        if published and self.late is None:
+            self.late = make_event(n=2)
+            async with self.pool.acquire() as conn, conn.transaction():
+                await outbox.add(conn, self.topic, self.late)
+            await asyncio.sleep(0.3)  # the NOTIFY reaches the relay's listener meanwhile
+        return published
+
+
+async def test_row_committed_while_a_batch_is_in_flight_is_published_without_waiting_for_the_poll(
+        infra: Infra, scratch_db: str, topic: str):
+    await kafka.ensure_topics(infra.kafka_bootstrap, [topic])
+    pool = await db.create_pool(scratch_db, max_size=4)
+    producer = kafka.make_producer(infra.kafka_bootstrap)
+    await producer.start()
+    relay = _CommitDuringBatch(scratch_db, pool, producer, service="test-late", poll_interval=30)
+    relay.topic = topic
+    try:
+        relay.start()
+        await eventually(lambda: relay.active, timeout=10)
+        await asyncio.sleep(0.2)  # the relay waits on its LISTEN now
+        async with pool.acquire() as conn, conn.transaction():
+            await outbox.add(conn, topic, make_event(n=1))
+        t0 = asyncio.get_running_loop().time()
+        got = await collect(infra.kafka_bootstrap, topic, 2, timeout=10)
+        assert [e.data["n"] for e in got] == [1, 2]
+        # the late row went out on the wake-up its NOTIFY gave, not on the 30 s poll
+        assert asyncio.get_running_loop().time() - t0 < 5
+    finally:
+        await relay.stop()
+        await producer.stop()
+        await pool.close()
+
+
 async def test_event_committed_while_broker_is_down_arrives_after_restart(infra: Infra, scratch_db: str, tmp_path: Path):
     """The broker is stopped at commit time and started again 10 s later: the event still arrives."""
     out = Output(console=False, log_dir=tmp_path)
