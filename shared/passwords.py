@@ -3,8 +3,9 @@
 - Default cost: 19 MiB, 2 passes, parallelism 1 (OWASP's minimum for argon2id); configurable.
 - Hashing runs in a thread pool of ``concurrency`` workers (argon2-cffi releases the GIL), and a
   semaphore bounds how many hashes are in flight, since each one holds its memory cost. By default
-  (``concurrency=0``) there is one worker per CPU this process may use (:func:`usable_cpus`): more
-  hashing threads than cores only adds preemptions and cache misses to every hash.
+  (``concurrency=0``) there is one worker per CPU this process may use, within a cap and a cgroup
+  memory limit (:func:`auto_concurrency`): more hashing threads than cores only adds preemptions
+  and cache misses to every hash.
 - Pepper: the password is first keyed with HMAC-SHA256 under a server secret that never enters the
   database, so a stolen database alone cannot be cracked. The stored record is
   ``<pepper key id>$<argon2 hash>`` (``-`` when no pepper), so peppers can rotate: an old record
@@ -63,6 +64,33 @@ def _lower_priority(nice: int) -> None:
             pass
 
 
+AUTO_CONCURRENCY_MAX = 8  # the automatic thread count never exceeds this (each hash holds its memory)
+
+
+def _cgroup_file(name: str) -> str | None:
+    """The content of this process's cgroup v2 file ``name`` (``cpu.max``, ``memory.max``), if any."""
+    try:
+        with open("/proc/self/cgroup") as fh:
+            path = next((line.strip().split(":", 2)[2] for line in fh if line.startswith("0::")), None)
+        if path is None:
+            return None
+        with open(f"/sys/fs/cgroup{path.rstrip('/')}/{name}") as fh:
+            return fh.read().strip()
+    except OSError:
+        return None
+
+
+def auto_concurrency(memory_kib: int) -> int:
+    """Hashing threads when ``ARGON2_CONCURRENCY`` is 0: one per usable CPU, at most
+    :data:`AUTO_CONCURRENCY_MAX`, and no more than a quarter of a cgroup memory limit
+    (``memory.max``, a pod's ``limits.memory``) can hold at ``memory_kib`` each; at least 1."""
+    threads = min(usable_cpus(), AUTO_CONCURRENCY_MAX)
+    limit = _cgroup_file("memory.max")
+    if limit and limit.isdigit():
+        threads = min(threads, int(limit) // 4 // (memory_kib * 1024))
+    return max(1, threads)
+
+
 def usable_cpus() -> int:
     """The CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota
     (``cpu.max``, as a container's or pod's CPU limit sets it), rounded up; at least 1."""
@@ -70,15 +98,9 @@ def usable_cpus() -> int:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cpus = os.cpu_count() or 1
-    try:
-        with open("/proc/self/cgroup") as fh:
-            path = next((line.strip().split(":", 2)[2] for line in fh if line.startswith("0::")), "/")
-        with open(f"/sys/fs/cgroup{path.rstrip('/')}/cpu.max") as fh:
-            quota, period = fh.read().split()
-        if quota != "max":
-            cpus = min(cpus, -(-int(quota) // int(period)))
-    except (OSError, ValueError, StopIteration):
-        pass
+    quota = (_cgroup_file("cpu.max") or "max").split()
+    if len(quota) == 2 and quota[0].isdigit() and quota[1].isdigit() and int(quota[1]) > 0:
+        cpus = min(cpus, -(-int(quota[0]) // int(quota[1])))
     return max(1, cpus)
 
 
@@ -96,7 +118,7 @@ class Passwords:
         nice: int = 0,
     ) -> None:
         self.params = params
-        concurrency = concurrency or usable_cpus()
+        concurrency = concurrency or auto_concurrency(params.memory_kib)
         self.concurrency = concurrency
         self.hasher = PasswordHasher(
             time_cost=params.time_cost,

@@ -18,7 +18,8 @@ class Settings(CommonSettings):
     argon2_time_cost: int = 2
     argon2_parallelism: int = 1
     # Hashes computed at once (threads); each holds ARGON2_MEMORY_KIB while it runs. 0: one per CPU
-    # this process may use (affinity and cgroup CPU limit). Replicas sharing one machine's cores
+    # this process may use (affinity and cgroup CPU limit), at most 8 and within a quarter of a
+    # cgroup memory limit (shared.passwords.auto_concurrency). Replicas sharing one machine's cores
     # should split them (the launcher's cluster topology does).
     argon2_concurrency: int = Field(default=0, ge=0, le=256)
     # How far below normal priority the hashing threads run (nice increment, Linux): request handling

@@ -175,3 +175,21 @@ def test_co_located_auth_replicas_split_the_cores_for_hashing(tmp_path: Path, mo
 
 def test_usable_cpus_is_within_the_affinity_mask() -> None:
     assert 1 <= usable_cpus() <= len(os.sched_getaffinity(0))
+
+
+def test_automatic_hashing_threads_follow_cpus_within_a_cap_and_the_memory_limit(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from shared import passwords
+
+    files: dict[str, str] = {}
+    monkeypatch.setattr(passwords, "_cgroup_file", files.get)
+    monkeypatch.setattr(passwords.os, "sched_getaffinity", lambda _pid: set(range(64)))
+    assert passwords.auto_concurrency(19 * 1024) == passwords.AUTO_CONCURRENCY_MAX  # 64 cores, no limits
+    files["cpu.max"] = "150000 100000"  # limits.cpu: 1.5
+    assert passwords.usable_cpus() == 2 and passwords.auto_concurrency(19 * 1024) == 2
+    files["cpu.max"] = "max 100000"
+    files["memory.max"] = str(256 * 1024 * 1024)  # a quarter of 256 MiB holds 3 hashes of 19 MiB
+    assert passwords.auto_concurrency(19 * 1024) == 3
+    files["memory.max"] = str(32 * 1024 * 1024)
+    assert passwords.auto_concurrency(19 * 1024) == 1  # never 0
+    files["memory.max"] = "max"
+    assert passwords.auto_concurrency(19 * 1024) == passwords.AUTO_CONCURRENCY_MAX
