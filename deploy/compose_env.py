@@ -22,7 +22,7 @@ import secrets
 from pathlib import Path
 
 from deploy.launcher import default_ports, free_port, load_or_create_secrets, new_kafka_cluster_id
-from shared.passwords import usable_cpus
+from shared.passwords import cpu_share
 
 # The topology of deploy/compose.yaml, the same as the launcher's cluster topology.
 BROKERS = 3
@@ -55,7 +55,7 @@ def write(path: Path, *, fixed: bool = False) -> dict[str, str]:
     if "KAFKA_CLUSTER_ID" not in values:  # every broker is formatted with it, once
         extra["KAFKA_CLUSTER_ID"] = new_kafka_cluster_id()
     if "ARGON2_CONCURRENCY" not in values:  # the auth replicas share this host's cores (as in the launcher)
-        extra["ARGON2_CONCURRENCY"] = str(max(1, usable_cpus() // REPLICAS))
+        extra["ARGON2_CONCURRENCY"] = str(cpu_share(REPLICAS))
     if extra:
         values.update(extra)
         path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))

@@ -41,7 +41,7 @@ from typing import IO, Any
 import orjson
 
 from shared.logs import redact
-from shared.passwords import usable_cpus
+from shared.passwords import cpu_share
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -851,7 +851,7 @@ class Stack:
         if name == "auth" and self.replicas > 1 and not env.get("ARGON2_CONCURRENCY"):
             # The replicas share this machine's cores: each hashes on its share of them (more
             # hashing threads than cores cost every hash CPU: README, benchmarks).
-            env["ARGON2_CONCURRENCY"] = str(max(1, usable_cpus() // self.replicas))
+            env["ARGON2_CONCURRENCY"] = str(cpu_share(self.replicas))
         return env
 
     def start_service(self, name: str, key: str | None = None) -> Child:

@@ -104,6 +104,11 @@ def usable_cpus() -> int:
     return max(1, cpus)
 
 
+def cpu_share(replicas: int) -> int:
+    """Each of ``replicas`` co-located auth processes' share of this machine's usable CPUs (at least 1)."""
+    return max(1, usable_cpus() // replicas)
+
+
 # Every argon2 computation (hash, verify, dummy verify): lets a test count what a throttle let through.
 HASHES = Counter("hearth_password_hashes_total", "argon2 computations started (hash, verify, dummy verify)")
 
