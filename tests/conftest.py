@@ -12,8 +12,10 @@ on top of that infrastructure; tests isolate themselves with fresh accounts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
+import shutil
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -71,7 +73,7 @@ def _containers_infra() -> tuple[str, str, list[object]]:
 
 
 @pytest.fixture(scope="session")
-def stack_obj() -> Iterator[Stack]:
+def stack_obj(request: pytest.FixtureRequest) -> Iterator[Stack]:
     run_dir = ROOT / ".run" / f"test-{RUN_ID}"
     containers: list[object] = []
     extra: dict[str, str] = {}
@@ -126,8 +128,19 @@ def stack_obj() -> Iterator[Stack]:
 
             tc.stop_all(containers)
             tc.remove_labelled(RUN_ID)
+        if request.session.testsfailed:
+            _keep_logs(run_dir)
         if os.environ.get("HEARTH_KEEP_TEST_RUN") != "1":
             remove_run_dir(run_dir)
+
+
+def _keep_logs(run_dir: Path) -> None:
+    """A run with failures keeps every process's log in artifacts/test-logs/<run>/ (the run directory
+    itself is removed), so a failure seen once in CI can be read afterwards."""
+    target = ROOT / "artifacts" / "test-logs" / run_dir.name
+    with contextlib.suppress(OSError):
+        shutil.copytree(run_dir / "logs", target, dirs_exist_ok=True)
+        print(f"\nlogs of this failed run: {target}")
 
 
 @pytest.fixture(scope="session")

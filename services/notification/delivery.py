@@ -239,7 +239,11 @@ class Sender:
         try:
             recipient = await self._recipient(d)
             if recipient is None:
-                await self._give_up(d, "no recipient known for this account")
+                # Device and server notices name only the account; its address comes from auth's
+                # account events, on another topic, so a notice can be here first (a TV linked
+                # seconds after sign-up, or this service catching up on both topics). An unknown
+                # recipient is therefore transient: retried with backoff, dead after MAX_ATTEMPTS.
+                await self._failed(d, "no recipient known for this account yet", permanent=False)
                 return client
             try:
                 rendered = self.renderer.render(d, *recipient)

@@ -26,6 +26,7 @@ from shared.events import (
     AUTH_EVENTS,
     LINKCODE_EVENTS,
     NOTIFICATION_DEAD_LETTERS,
+    AccountCreated,
     AccountResetRequired,
     Envelope,
     PinLinked,
@@ -110,6 +111,25 @@ async def test_breach_notice_device_linked_and_server_claimed_emails(stack: Stac
     assert "basement-nas" in body_text(subjects["A server was claimed on your Hearth account"])
     html = breach.get_body(preferencelist=("html",))
     assert html is not None and "<a href=" in str(html.get_content())
+
+
+async def test_device_notice_that_arrives_before_the_account_is_sent_once_the_account_is_known(
+        stack: Stack) -> None:
+    """auth's account events and linkcode's notices are on different topics, so notification can see
+    a device linked to an account it has not heard of yet. That notice waits for the address (retried
+    with backoff) instead of being dead-lettered; this race made the breach-notice test flaky."""
+    acct = str(uuid.uuid4())
+    name = f"late{uuid.uuid4().hex[:10]}"
+    address = f"{name}@example.org"
+    await publish(stack.kafka_bootstrap, stack.topic_prefix + LINKCODE_EVENTS, envelope(
+        PinLinked(account_id=acct, device_id="9", client_identifier="tv-late", product="Plex for Roku",
+                  device_name="Bedroom TV", platform="Roku", linked_at=iso(utcnow())), producer="tests", key=acct))
+    await asyncio.sleep(2.0)  # the sender has tried and found no recipient
+    assert mails(stack.mail_dir, address) == []
+    await publish(stack.kafka_bootstrap, stack.topic_prefix + AUTH_EVENTS, envelope(
+        AccountCreated(account_id=acct, email=address, username=name), producer="tests", key=acct))
+    got = await eventually(lambda: mails(stack.mail_dir, address), timeout=15)
+    assert len(got) == 1 and "Bedroom TV" in body_text(got[0])
 
 
 async def test_redelivered_event_sends_nothing_new(stack: Stack) -> None:
