@@ -31,6 +31,7 @@ from shared import db, kafka, logs, plex
 from shared.consumer import ConsumerRunner
 from shared.errors import HearthError, NotFound, PayloadTooLarge, ValidationFailed
 from shared.events import ALL_TOPICS
+from shared.internal import require_internal
 from shared.outbox import OutboxRelay
 from shared.settings import CommonSettings
 
@@ -232,6 +233,11 @@ class SettingsOf(Generic[S]):
         if not isinstance(s, self.cls):
             raise TypeError(f"this app's settings are {type(s).__name__}, not {self.cls.__name__}")
         return s
+
+
+def internal_only(request: web.Request) -> None:
+    """The one check of every /internal route: refuse a caller without the internal API secret."""
+    require_internal(request, request.app[SETTINGS].internal_api_secret.get_secret_value())
 
 
 def base_app(settings: CommonSettings) -> web.Application:

@@ -46,9 +46,8 @@ from webauthn.helpers.structs import (
 from services.auth import routes, store
 from services.auth.errors import ResetRequired
 from shared import tokens
-from shared.app import json_object
+from shared.app import internal_only, json_object
 from shared.errors import NotFound, Unauthorized, ValidationFailed
-from shared.internal import require_internal
 from shared.settings import CommonSettings
 
 
@@ -68,17 +67,6 @@ def relying_party(settings: CommonSettings) -> tuple[str, str]:
     """(RP id, origin) from PUBLIC_BASE_URL."""
     parts = urlsplit(settings.public_base_url)
     return parts.hostname or "localhost", f"{parts.scheme}://{parts.netloc}"
-
-
-def _internal(request: web.Request) -> None:
-    require_internal(request, routes._settings(request).internal_api_secret.get_secret_value())
-
-
-def _account_id(request: web.Request) -> uuid.UUID:
-    try:
-        return uuid.UUID(request.match_info["account_id"])
-    except ValueError:
-        raise NotFound("no such account") from None
 
 
 async def _store_challenge(request: web.Request, challenge: bytes, purpose: str, account_id: uuid.UUID | None) -> None:
@@ -132,8 +120,8 @@ def _credential(body: dict[str, Any]) -> dict[str, Any]:
 
 
 async def registration_options(request: web.Request) -> web.Response:
-    _internal(request)
-    account_id = _account_id(request)
+    internal_only(request)
+    account_id = routes.path_account_id(request)
     pool = request.app[routes.AUTH].pool
     account = await store.find_by_id(pool, account_id)
     if account is None:
@@ -152,8 +140,8 @@ async def registration_options(request: web.Request) -> web.Response:
 
 
 async def register(request: web.Request) -> web.Response:
-    _internal(request)
-    account_id = _account_id(request)
+    internal_only(request)
+    account_id = routes.path_account_id(request)
     body = await json_object(request)
     credential = _credential(body)
     name = str(body.get("name") or "").strip()[:60] or "Passkey"
@@ -181,22 +169,22 @@ async def register(request: web.Request) -> web.Response:
 
 
 async def list_passkeys(request: web.Request) -> web.Response:
-    _internal(request)
+    internal_only(request)
     rows = await request.app[routes.AUTH].pool.fetch(
         "SELECT id, name, created_at, last_used_at FROM passkeys WHERE account_id = $1 ORDER BY created_at",
-        _account_id(request))
+        routes.path_account_id(request))
     return web.json_response({"passkeys": [
         {"id": r["id"], "name": r["name"], "created_at": r["created_at"].isoformat(),
          "last_used_at": r["last_used_at"].isoformat() if r["last_used_at"] else None} for r in rows]})
 
 
 async def remove(request: web.Request) -> web.Response:
-    _internal(request)
+    internal_only(request)
     raw = request.match_info["passkey_id"]
     if not raw.isdigit() or len(raw) > 18:
         raise NotFound("no such passkey")
     done = await request.app[routes.AUTH].pool.fetchval(
-        "DELETE FROM passkeys WHERE id = $1 AND account_id = $2 RETURNING 1", int(raw), _account_id(request))
+        "DELETE FROM passkeys WHERE id = $1 AND account_id = $2 RETURNING 1", int(raw), routes.path_account_id(request))
     if not done:
         raise NotFound("no such passkey")
     return web.Response(status=204)
@@ -206,7 +194,7 @@ async def remove(request: web.Request) -> web.Response:
 
 
 async def authentication_options(request: web.Request) -> web.Response:
-    _internal(request)
+    internal_only(request)
     rp_id, _ = relying_party(routes._settings(request))
     options = generate_authentication_options(rp_id=rp_id, user_verification=UserVerificationRequirement.REQUIRED)
     await _store_challenge(request, options.challenge, "authenticate", None)
@@ -214,7 +202,7 @@ async def authentication_options(request: web.Request) -> web.Response:
 
 
 async def signin(request: web.Request) -> web.Response:
-    _internal(request)
+    internal_only(request)
     body = await json_object(request)
     credential = _credential(body)
     challenge = await _redeem_challenge(request, credential, "authenticate", None)

@@ -14,10 +14,10 @@ from services.auth.minting import MintBatcher
 from services.auth.service import Auth
 from services.auth.settings import Settings
 from shared import plex
-from shared.app import SettingsOf, client_address, json_object
+from shared.app import SettingsOf, client_address, internal_only, json_object
 from shared.errors import HearthError, MissingClientIdentifier, NotFound, ValidationFailed
 from shared.holder import HOLDER, Principal
-from shared.internal import InternalClient, require_internal
+from shared.internal import InternalClient
 from shared.principal import token_principal
 from shared.tokens import same
 
@@ -231,20 +231,24 @@ def _account_json(a: store.Account) -> dict[str, Any]:
             "created_at": a.created_at.isoformat(), "reset_required": a.reset_required_at is not None}
 
 
-async def internal_account(request: web.Request) -> web.Response:
-    require_internal(request, _settings(request).internal_api_secret.get_secret_value())
+def path_account_id(request: web.Request) -> uuid.UUID:
+    """The ``{account_id}`` of an /internal route; not a UUID is "no such account" (404)."""
     try:
-        account_id = uuid.UUID(request.match_info["account_id"])
+        return uuid.UUID(request.match_info["account_id"])
     except ValueError:
         raise NotFound("no such account") from None
-    account = await store.find_by_id(request.app[AUTH].pool, account_id)
+
+
+async def internal_account(request: web.Request) -> web.Response:
+    internal_only(request)
+    account = await store.find_by_id(request.app[AUTH].pool, path_account_id(request))
     if account is None:
         raise NotFound("no such account")
     return web.json_response(_account_json(account))
 
 
 async def internal_find_account(request: web.Request) -> web.Response:
-    require_internal(request, _settings(request).internal_api_secret.get_secret_value())
+    internal_only(request)
     from services.auth.service import normalise_login
 
     login = request.query.get("login", "")
@@ -257,11 +261,8 @@ async def internal_find_account(request: web.Request) -> web.Response:
 
 
 async def internal_require_reset(request: web.Request) -> web.Response:
-    require_internal(request, _settings(request).internal_api_secret.get_secret_value())
-    try:
-        account_id = uuid.UUID(request.match_info["account_id"])
-    except ValueError:
-        raise NotFound("no such account") from None
+    internal_only(request)
+    account_id = path_account_id(request)
     body = await json_object(request)
     reason = str(body.get("reason") or "")[:500]
     if not reason:

@@ -16,7 +16,6 @@ step; answers a session or ``{"secondFactorRequired": true, "pending": token}``)
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 from aiohttp import web
@@ -24,9 +23,8 @@ from aiohttp import web
 from services.auth import routes, store
 from services.auth.two_factor import TwoFactor, TwoFactorRequired
 from shared import plex
-from shared.app import client_address, json_object
-from shared.errors import MissingClientIdentifier, NotFound
-from shared.internal import require_internal
+from shared.app import client_address, internal_only, json_object
+from shared.errors import MissingClientIdentifier
 
 
 def _tf(request: web.Request) -> TwoFactor:
@@ -81,17 +79,9 @@ async def show(request: web.Request) -> web.Response:
 # --------------------------------------------------------------------------------- internal
 
 
-def _internal(request: web.Request) -> None:
-    require_internal(request, routes._settings(request).internal_api_secret.get_secret_value())
-
-
 async def internal_status(request: web.Request) -> web.Response:
-    _internal(request)
-    try:
-        account_id = uuid.UUID(request.match_info["account_id"])
-    except ValueError:
-        raise NotFound("no such account") from None
-    return web.json_response(_status_json(await _tf(request).status(account_id)))
+    internal_only(request)
+    return web.json_response(_status_json(await _tf(request).status(routes.path_account_id(request))))
 
 
 async def _session(request: web.Request, account: store.Account, remember: bool) -> web.Response:
@@ -101,7 +91,7 @@ async def _session(request: web.Request, account: store.Account, remember: bool)
 
 async def internal_signin(request: web.Request) -> web.Response:
     """The web's password step: a session, or a pending sign-in waiting for its second factor."""
-    _internal(request)
+    internal_only(request)
     body = await json_object(request)
     if not await plex.param(request, "X-Plex-Client-Identifier"):
         raise MissingClientIdentifier()
@@ -128,7 +118,7 @@ def _norm(login: str) -> str:
 
 
 async def internal_second_factor(request: web.Request) -> web.Response:
-    _internal(request)
+    internal_only(request)
     body = await json_object(request)
     if not await plex.param(request, "X-Plex-Client-Identifier"):
         raise MissingClientIdentifier()

@@ -16,10 +16,9 @@ from services.devicesession import service, store
 from services.devicesession.errors import DeviceNotFound, HolderUnauthorized, InvalidMint, InvalidToken
 from services.devicesession.settings import Settings
 from shared import plex
-from shared.app import POOL, SettingsOf, json_object
+from shared.app import POOL, SettingsOf, internal_only, json_object
 from shared.errors import NotFound, ValidationFailed
 from shared.holder import holder_secret
-from shared.internal import require_internal
 from shared.tokens import same
 
 log = logging.getLogger(__name__)
@@ -34,7 +33,7 @@ _settings = SettingsOf(Settings)
 
 
 def _internal(request: web.Request) -> None:
-    require_internal(request, _settings(request).internal_api_secret.get_secret_value())
+    internal_only(request)
 
 
 def _uuid(value: object, name: str) -> uuid.UUID:

@@ -14,10 +14,9 @@ from services.linkcode.errors import CodeNotFound
 from services.linkcode.service import LinkCodes
 from services.linkcode.settings import Settings
 from shared import plex
-from shared.app import SettingsOf, client_address, json_object
+from shared.app import SettingsOf, client_address, internal_only, json_object
 from shared.errors import ValidationFailed
 from shared.holder import Principal
-from shared.internal import require_internal
 from shared.principal import token_principal
 
 LINKCODES = web.AppKey("linkcodes", LinkCodes)
@@ -152,7 +151,7 @@ def _client_param(value: object) -> str | None:
 
 
 async def describe_code(request: web.Request) -> web.Response:
-    require_internal(request, _settings(request).internal_api_secret.get_secret_value())
+    internal_only(request)
     info = await request.app[LINKCODES].describe(request.match_info["code"][:64],
                                                  _account_param(request.query.get("account_id")),
                                                  client_address(request),
@@ -163,7 +162,7 @@ async def describe_code(request: web.Request) -> web.Response:
 
 
 async def approve_code(request: web.Request) -> web.Response:
-    require_internal(request, _settings(request).internal_api_secret.get_secret_value())
+    internal_only(request)
     body = await json_object(request)
     account_id = _account_param(body.get("account_id"))
     principal = Principal(account_id=account_id, session_id=str(body.get("session_id") or ""), device_id=0,
