@@ -49,6 +49,12 @@ async def run(stack: Stack) -> list[Row]:
         Row(NAME, "response->instance evicted max", r40["max"], "ms", "brokers produce->consume max", ref["max"]),
         Row(NAME, f"(revocation, instance) pairs missing of {fan40.pairs}", float(fan40.missing), "", goal="0"),
     ]
+    q40, a40 = summary_ms(fan40.from_request), summary_ms(fan40.answered)
+    rows += [
+        Row(NAME, "request sent->instance evicted p50 (two argon2 operations included)", q40["p50"], "ms",
+            "request sent->response p50", a40["p50"]),
+        Row(NAME, "request sent->instance evicted p99", q40["p99"], "ms", "request sent->response p99", a40["p99"]),
+    ]
     kits = [HolderKit(holder_id=f"k{i // 2:03d}", instance=f"k{i // 2:03d}-{i % 2 + 1}",
                       introspect_url=stack.url("devicesession") + "/oauth/introspect",
                       holder_secret=holder_secret(stack.env["HOLDER_SECRET"], f"k{i // 2:03d}"),
