@@ -383,8 +383,11 @@ def infrastructure_failure(exc: BaseException) -> bool:
                             asyncpg.ConnectionDoesNotExistError))
 
 
-# Records of one partition applied in one transaction at the most (see ConsumerRunner._handle_records).
+# Records of one partition applied in one transaction at the most (see ConsumerRunner._handle_records),
+# and the longest such a transaction waits for a lock before its records go one by one.
 BATCH = 100
+BATCH_LOCK_WAIT_MS = 200
+_BATCH_LOCK_TIMEOUT = f"SET LOCAL lock_timeout = '{BATCH_LOCK_WAIT_MS}ms'"
 
 
 class ConsumerRunner:
@@ -521,6 +524,11 @@ class ConsumerRunner:
         started = time.perf_counter()
         try:
             async with self.pool.acquire() as conn, conn.transaction():
+                # A batch holds the locks of all its events until it commits. It never waits long for
+                # someone else's: past BATCH_LOCK_WAIT it gives up (nothing kept) and its events go one
+                # per transaction, each holding few locks. That also breaks, from this side and at
+                # once, any lock cycle with another replica's batch.
+                await conn.execute(_BATCH_LOCK_TIMEOUT)
                 ids = list(dict.fromkeys(env.id for env in wanted))
                 fresh = {r["event_id"] for r in await conn.fetch(
                     "INSERT INTO processed_events (consumer, event_id) SELECT $1, e FROM unnest($2::uuid[]) AS e"

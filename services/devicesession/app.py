@@ -85,7 +85,8 @@ def ack_consumer(app: web.Application) -> ConsumerRunner:
     s = app[SETTINGS]
     return ConsumerRunner(
         bootstrap=s.kafka_bootstrap_servers, group=s.group("devicesession.acks"),
-        topics=[s.topic(REVOCATIONS_APPLIED)], handler=events.ACKS, producer=app[PRODUCER], pool=app[POOL],
+        topics=[s.topic(REVOCATIONS_APPLIED)], handler=events.make_ack_handler(app[POOL]), producer=app[PRODUCER],
+        pool=app[POOL],
     )
 
 

@@ -6,7 +6,8 @@ acknowledgements.
 - ``auth.events`` / ``passwords.changed`` (the breach command's batch form): revoke every session of
   every listed account in one statement; one ``sessions.revoked`` naming the accounts.
 - ``revocations.applied``: store each holder instance's acknowledgement (the fan-out view), and
-  when each instance was first and last heard of (``holder_instances``).
+  when each instance was first and last heard of (``holder_instances``; written outside the event's
+  transaction, see ``make_ack_handler``).
 
 All run in the ConsumerRunner's transaction with its processed-events marker, and the revocation is
 also unique on its causing event id: a redelivered event revokes nothing twice and publishes nothing.
@@ -14,6 +15,7 @@ also unique on its causing event id: a redelivered event revokes nothing twice a
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import timedelta
 
@@ -65,9 +67,25 @@ def make_auth_handler(topics: service.Topics) -> EventHandlers:
     }, ignored=[AccountCreated, PasswordResetRequested, AccountResetRequired, AccountsResetRequired])
 
 
-async def on_ack(conn: asyncpg.Connection, ack: RevocationApplied, env: Envelope) -> None:
-    await store.insert_ack(conn, uuid.UUID(ack.revocation_id), ack.holder_id[:200], parse_time(ack.applied_at),
-                           ack.instance_id[:200])
+# How long a holder instance's seen-time may lag (expected_instances allows for it).
+SEEN_GRANULARITY = 10.0
 
 
-ACKS = EventHandlers("devicesession.acks", {RevocationApplied: on_ack})
+def make_ack_handler(pool: asyncpg.Pool) -> EventHandlers:
+    """``revocations.applied``: the acknowledgement in the event's transaction; the holder's and the
+    instance's seen-times on ``pool``, outside it (store.record_instance_seen), at most once per
+    SEEN_GRANULARITY per instance and process (``refreshed`` is per process on purpose: losing it
+    costs one more refresh)."""
+    refreshed: dict[tuple[str, str], float] = {}
+
+    async def on_ack(conn: asyncpg.Connection, ack: RevocationApplied, env: Envelope) -> None:
+        holder, instance = ack.holder_id[:200], ack.instance_id[:200]
+        await store.insert_ack(conn, uuid.UUID(ack.revocation_id), holder, parse_time(ack.applied_at), instance)
+        now = time.monotonic()
+        if now - refreshed.get((holder, instance), -SEEN_GRANULARITY) >= SEEN_GRANULARITY:
+            await store.record_instance_seen(pool, holder, instance)
+            if len(refreshed) > 100_000:
+                refreshed.clear()
+            refreshed[(holder, instance)] = now
+
+    return EventHandlers("devicesession.acks", {RevocationApplied: on_ack})

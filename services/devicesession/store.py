@@ -309,12 +309,15 @@ async def touch_sessions(conn: asyncpg.Connection | asyncpg.Pool, seen: dict[UUI
 
 async def record_holder(conn: asyncpg.Connection | asyncpg.Pool, holder_id: str) -> None:
     await conn.execute(
-        "INSERT INTO holders (id) VALUES ($1) ON CONFLICT (id) DO UPDATE SET last_seen_at = now()", holder_id
+        "INSERT INTO holders (id) VALUES ($1) ON CONFLICT (id) DO UPDATE SET last_seen_at = now()"
+        " WHERE holders.last_seen_at < now() - interval '10 seconds'", holder_id
     )
 
 
 async def insert_ack(conn: asyncpg.Connection, revocation_id: UUID, holder_id: str, applied_at: datetime,
                      instance_id: str = "") -> None:
+    """The acknowledgement row only: its key is the acknowledgement's own, so the acknowledgement
+    batches of two replicas never write the same row (see :func:`record_instance_seen`)."""
     await conn.execute(
         "INSERT INTO revocation_acks (revocation_id, holder_id, instance_id, applied_at) VALUES ($1, $2, $3, $4)"
         " ON CONFLICT DO NOTHING",
@@ -323,15 +326,22 @@ async def insert_ack(conn: asyncpg.Connection, revocation_id: UUID, holder_id: s
         instance_id,
         applied_at,
     )
-    # Seen-times are kept to the second's use: refreshed at most every 10 s per instance.
-    await conn.execute(
+
+
+async def record_instance_seen(pool: asyncpg.Pool, holder_id: str, instance_id: str) -> None:
+    """A holder instance was heard of: its holder and the instance are known, and their seen-times
+    refreshed (kept to 10 s). Two statements of their own, outside any event's transaction, each
+    locking one row for one statement: written inside a batch of acknowledgements, these rows (shared
+    by every revocation) were held until the batch committed, and two replicas' batches acknowledging
+    the same instances in different orders waited on each other."""
+    await record_holder(pool, holder_id)
+    await pool.execute(
         "INSERT INTO holder_instances (holder_id, instance_id) VALUES ($1, $2)"
         " ON CONFLICT (holder_id, instance_id) DO UPDATE SET last_seen_at = now()"
         " WHERE holder_instances.last_seen_at < now() - interval '10 seconds'",
         holder_id,
         instance_id,
     )
-    await record_holder(conn, holder_id)
 
 
 async def revocation_acks(conn: asyncpg.Connection | asyncpg.Pool, revocation_id: UUID) -> list[asyncpg.Record]:

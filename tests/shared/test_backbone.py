@@ -15,7 +15,7 @@ from aiokafka import AIOKafkaConsumer
 
 from deploy.launcher import Kafka, Output, free_port
 from shared import db, kafka, outbox
-from shared.consumer import ConsumerRunner
+from shared.consumer import CONSUMED, ConsumerRunner
 from shared.events import Envelope, dead_letter_topic, utcnow
 from shared.outbox import OutboxRelay
 from tests.conftest import ROOT, Infra, eventually
@@ -328,11 +328,29 @@ async def test_poison_message_is_dead_lettered_and_does_not_block(infra: Infra, 
     assert reasons == ["RuntimeError", "decode"]
 
 
-async def _db_runner(infra: Infra, pool: asyncpg.Pool, producer, topic: str, handler) -> ConsumerRunner:  # type: ignore[no-untyped-def]
-    runner = ConsumerRunner(bootstrap=infra.kafka_bootstrap, group=f"batch-{uuid.uuid4().hex[:6]}", topics=[topic],
-                            handler=handler, producer=producer, pool=pool, max_attempts=2, backoff_base=0.01)
+async def _consume_into_table(infra: Infra, scratch_db: str, topic: str, events: list[Envelope], columns: str,
+                              handler, want: int) -> tuple[list[asyncpg.Record], str]:  # type: ignore[no-untyped-def]
+    """Publish ``events`` to ``topic``, then run a ConsumerRunner with a database (``handler`` writes
+    to table ``effects (seq bigserial, <columns>)``) until ``want`` rows exist and a second more.
+    Returns the rows in the order written, and the consumer group."""
+    await kafka.ensure_topics(infra.kafka_bootstrap, [topic])
+    await produce(infra.kafka_bootstrap, topic, events)
+    pool = await db.create_pool(scratch_db, max_size=2)
+    await pool.execute(f"CREATE TABLE effects (seq bigserial, {columns})")
+    producer = kafka.make_producer(infra.kafka_bootstrap)
+    await producer.start()
+    group = f"batch-{uuid.uuid4().hex[:6]}"
+    runner = ConsumerRunner(bootstrap=infra.kafka_bootstrap, group=group, topics=[topic], handler=handler,
+                            producer=producer, pool=pool, max_attempts=2, backoff_base=0.01)
     await runner.start()
-    return runner
+    try:
+        await eventually(lambda: pool.fetchval("SELECT count(*) >= $1 FROM effects", want), timeout=30)
+        await asyncio.sleep(1.0)  # anything more would have arrived by now
+        return await pool.fetch("SELECT * FROM effects ORDER BY seq"), group
+    finally:
+        await runner.stop()
+        await producer.stop()
+        await pool.close()
 
 
 async def test_a_burst_on_one_partition_is_applied_in_shared_transactions_once_and_in_order(
@@ -340,26 +358,13 @@ async def test_a_burst_on_one_partition_is_applied_in_shared_transactions_once_a
     """300 events on one partition, already there when the consumer starts (a burst such as every
     holder instance acknowledging one revocation): each applied once, in order, in far fewer
     transactions (commits) than events. A redelivered copy inside the same batch has no effect."""
-    await kafka.ensure_topics(infra.kafka_bootstrap, [topic])
     events = [make_event(key="one-partition", n=i) for i in range(300)]
-    await produce(infra.kafka_bootstrap, topic, [*events[:150], events[10], *events[150:]])
-    pool = await db.create_pool(scratch_db, max_size=2)
-    await pool.execute("CREATE TABLE effects (seq bigserial, n int NOT NULL, tx bigint NOT NULL)")
-    producer = kafka.make_producer(infra.kafka_bootstrap)
-    await producer.start()
 
     async def handle(conn: asyncpg.Connection, env: Envelope) -> None:
         await conn.execute("INSERT INTO effects (n, tx) VALUES ($1, txid_current())", env.data["n"])
 
-    runner = await _db_runner(infra, pool, producer, topic, handle)
-    try:
-        await eventually(lambda: pool.fetchval("SELECT count(*) >= 300 FROM effects"), timeout=30)
-        await asyncio.sleep(1.0)
-    finally:
-        await runner.stop()
-        await producer.stop()
-    rows = await pool.fetch("SELECT n, tx FROM effects ORDER BY seq")
-    await pool.close()
+    rows, _ = await _consume_into_table(infra, scratch_db, topic, [*events[:150], events[10], *events[150:]],
+                                        "n int NOT NULL, tx bigint NOT NULL", handle, want=300)
     assert [r["n"] for r in rows] == list(range(300))
     transactions = len({r["tx"] for r in rows})
     print(f"300 events applied in {transactions} transactions")
@@ -370,30 +375,56 @@ async def test_a_failing_event_in_a_batch_keeps_nothing_of_the_batch_and_the_oth
         infra: Infra, scratch_db: str, topic: str):
     """One event in a burst fails every time: the batch is rolled back, its records go one by one,
     the failing one is dead-lettered and every other one is applied exactly once, in order."""
-    await kafka.ensure_topics(infra.kafka_bootstrap, [topic])
     events = [make_event(key="one-partition", n=i, type_="test.poison" if i == 25 else "test.happened")
               for i in range(50)]
-    await produce(infra.kafka_bootstrap, topic, events)
-    pool = await db.create_pool(scratch_db, max_size=2)
-    await pool.execute("CREATE TABLE effects (seq bigserial, n int NOT NULL)")
-    producer = kafka.make_producer(infra.kafka_bootstrap)
-    await producer.start()
 
     async def handle(conn: asyncpg.Connection, env: Envelope) -> None:
         await conn.execute("INSERT INTO effects (n) VALUES ($1)", env.data["n"])
         if env.type == "test.poison":
             raise RuntimeError("cannot apply this one")
 
-    runner = await _db_runner(infra, pool, producer, topic, handle)
-    try:
-        await eventually(lambda: pool.fetchval("SELECT count(*) >= 49 FROM effects"), timeout=30)
+    rows, group = await _consume_into_table(infra, scratch_db, topic, events, "n int NOT NULL", handle, want=49)
+    assert [r["n"] for r in rows] == [n for n in range(50) if n != 25]
+    assert CONSUMED.labels(group, "test.poison", "dead_letter")._value.get() == 1
+    assert CONSUMED.labels(group, "test.happened", "handled")._value.get() == 49
+
+
+async def test_a_batch_that_would_wait_for_a_lock_goes_one_by_one(infra: Infra, scratch_db: str, topic: str):
+    """Another transaction holds a row every event of a burst updates: the batch gives up waiting
+    (BATCH_LOCK_WAIT_MS) and keeps nothing; the events then apply one per transaction, once each and
+    in order, as soon as the row is free."""
+    pool = await db.create_pool(scratch_db, max_size=3)
+    await pool.execute("CREATE TABLE hot (id int PRIMARY KEY, n int NOT NULL); INSERT INTO hot VALUES (1, 0)")
+    holder = await pool.acquire()
+    tx = holder.transaction()
+    await tx.start()
+    await holder.execute("SELECT n FROM hot WHERE id = 1 FOR UPDATE")
+
+    async def release_later() -> None:
+        # Hold the row until the consumer has waited for it, then 1 s more: by then the batch has
+        # given up and the first event waits on its own.
+        await eventually(lambda: pool.fetchval("SELECT count(*) > 0 FROM pg_stat_activity"
+                                               " WHERE datname = current_database() AND wait_event_type = 'Lock'"),
+                         timeout=30)
         await asyncio.sleep(1.0)
+        await tx.commit()
+        await pool.release(holder)
+
+    async def handle(conn: asyncpg.Connection, env: Envelope) -> None:
+        await conn.execute("UPDATE hot SET n = n + 1 WHERE id = 1")
+        await conn.execute("INSERT INTO effects (n, tx) VALUES ($1, txid_current())", env.data["n"])
+
+    releasing = asyncio.create_task(release_later())
+    try:
+        rows, _ = await _consume_into_table(infra, scratch_db, topic,
+                                            [make_event(key="one-partition", n=i) for i in range(20)],
+                                            "n int NOT NULL, tx bigint NOT NULL", handle, want=20)
     finally:
-        await runner.stop()
-        await producer.stop()
-    applied = [r["n"] for r in await pool.fetch("SELECT n FROM effects ORDER BY seq")]
+        await releasing
+    assert [r["n"] for r in rows] == list(range(20))
+    assert len({r["tx"] for r in rows}) > 1  # not the one batch that would have waited for the row
+    assert await pool.fetchval("SELECT n FROM hot WHERE id = 1") == 20
     await pool.close()
-    assert applied == [n for n in range(50) if n != 25]
 
 
 async def test_two_replicas_share_partitions_and_survivor_takes_over(infra: Infra, scratch_db: str, topic: str,

@@ -256,6 +256,7 @@ def test_every_registered_event_type_is_consumed_or_knowingly_ignored() -> None:
     from shared.dispatch import DECLARED
 
     devicesession_events.make_auth_handler(Topics(sessions_revoked="s", events="e"))
+    devicesession_events.make_ack_handler(None)  # type: ignore[arg-type]  # declares; never called here
     assert notification_events.HANDLERS.consumer in DECLARED
     # sessions.revoked is what every holder kit consumes, through its own broadcast consumer.
     by_kit = {events.SessionsRevoked.TYPE}
