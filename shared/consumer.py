@@ -376,6 +376,22 @@ class ConsumeLoop:
         return all(self.consumer.last_poll_timestamp(tp) is not None for tp in self._expected)
 
 
+async def apply_once(pool: asyncpg.Pool, consumer: str, handler: DbHandler, env: Envelope) -> bool:
+    """Apply ``env`` as consumer ``consumer`` does, in one transaction with its ``processed_events``
+    marker: False, and nothing done, when that consumer has applied it already. This is the single
+    path of :class:`ConsumerRunner`, also for a service handed an event directly, ahead of its copy
+    on Kafka (devicesession gets auth's ``password.changed`` that way): whichever of the two comes
+    second finds the marker, or waits on the first's uncommitted one and then finds it."""
+    async with pool.acquire() as conn, conn.transaction():
+        fresh = await conn.fetchval(
+            "INSERT INTO processed_events (consumer, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING 1",
+            consumer, env.id)
+        if not fresh:
+            return False
+        await handler(conn, env)
+        return True
+
+
 def infrastructure_failure(exc: BaseException) -> bool:
     """Whether ``exc`` says the database (or the network) is unavailable, not that the event is bad."""
     return isinstance(exc, (OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
@@ -567,17 +583,8 @@ class ConsumerRunner:
         if self.pool is None:
             await self.handler(env)  # type: ignore[call-arg, arg-type]
             return "handled"
-        async with self.pool.acquire() as conn, conn.transaction():
-            fresh = await conn.fetchval(
-                "INSERT INTO processed_events (consumer, event_id) VALUES ($1, $2)"
-                " ON CONFLICT DO NOTHING RETURNING 1",
-                self.group,
-                env.id,
-            )
-            if not fresh:
-                return "duplicate"
-            await self.handler(conn, env)  # type: ignore[call-arg, arg-type]
-            return "handled"
+        applied = await apply_once(self.pool, self.group, self.handler, env)  # type: ignore[arg-type]
+        return "handled" if applied else "duplicate"
 
     async def _dead_letter(self, record: ConsumerRecord[Any, Any], reason: str, *, attempts: int) -> None:
         headers = list(record.headers or []) + [

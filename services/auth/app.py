@@ -11,7 +11,7 @@ from aiohttp import web
 
 from services.auth import routes, store, two_factor
 from services.auth.minting import MintBatcher
-from services.auth.service import Auth, Topics
+from services.auth.service import Auth, Topics, common_passwords
 from services.auth.settings import Settings
 from shared import cors, db, throttle
 from shared.app import POOL, SettingsOf, base_app, periodic_ctx, pool_ctx, producer_ctx, relay_ctx
@@ -45,6 +45,8 @@ async def auth_ctx(app: web.Application) -> AsyncIterator[None]:
                                      busy=lambda: passwords.in_flight)
     passwords.on_settled.append(app[routes.MINTER].settled)
     app[routes.BACKGROUND] = set()
+    # Load the common-password list (about 40 ms) now rather than in the first sign-up or change.
+    common_passwords()
     yield
     pending: set[asyncio.Task[None]] = app[routes.BACKGROUND]
     if pending:

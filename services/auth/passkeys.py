@@ -170,9 +170,10 @@ async def register(request: web.Request) -> web.Response:
 
 async def list_passkeys(request: web.Request) -> web.Response:
     internal_only(request)
+    account_id = routes.path_account_id(request)
     rows = await request.app[routes.AUTH].pool.fetch(
         "SELECT id, name, created_at, last_used_at FROM passkeys WHERE account_id = $1 ORDER BY created_at",
-        routes.path_account_id(request))
+        account_id)
     return web.json_response({"passkeys": [
         {"id": r["id"], "name": r["name"], "created_at": r["created_at"].isoformat(),
          "last_used_at": r["last_used_at"].isoformat() if r["last_used_at"] else None} for r in rows]})
@@ -180,11 +181,12 @@ async def list_passkeys(request: web.Request) -> web.Response:
 
 async def remove(request: web.Request) -> web.Response:
     internal_only(request)
+    account_id = routes.path_account_id(request)
     raw = request.match_info["passkey_id"]
     if not raw.isdigit() or len(raw) > 18:
         raise NotFound("no such passkey")
     done = await request.app[routes.AUTH].pool.fetchval(
-        "DELETE FROM passkeys WHERE id = $1 AND account_id = $2 RETURNING 1", int(raw), routes.path_account_id(request))
+        "DELETE FROM passkeys WHERE id = $1 AND account_id = $2 RETURNING 1", int(raw), account_id)
     if not done:
         raise NotFound("no such passkey")
     return web.Response(status=204)

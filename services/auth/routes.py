@@ -6,12 +6,13 @@ import asyncio
 import uuid
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from services.auth import store
 from services.auth.errors import InvalidToken
 from services.auth.minting import MintBatcher
-from services.auth.service import Auth
+from services.auth.service import Auth, Changed
 from services.auth.settings import Settings
 from shared import plex
 from shared.app import SettingsOf, client_address, internal_only, json_object
@@ -177,50 +178,67 @@ async def request_reset(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-async def _changed(request: web.Request, event_id: str, sign_out: bool) -> web.Response:
+async def _changed(request: web.Request, change: Changed, sign_out: bool) -> web.Response:
     """204 once the change is committed. With sign-out, wait (briefly) until devicesession has
     revoked the sessions and Hearth's own holders (auth, linkcode, web) have evicted them, so that
     when the answer arrives no Hearth service accepts an old token; third-party holders follow
     within milliseconds. If devicesession is slow, answer anyway: the event is committed and will
     be applied."""
-    headers = {"X-Hearth-Event-Id": event_id}
+    headers = {"X-Hearth-Event-Id": change.event_id}
     if sign_out:
-        deadline = asyncio.get_running_loop().time() + _settings(request).revocation_wait
-        delay = 0.005
-        while asyncio.get_running_loop().time() < deadline:
-            try:
-                outcome = await request.app[DEVICESESSION].call(
-                    "GET", f"/internal/revocations?causing_event_id={event_id}")
-                headers["X-Hearth-Sessions-Revoked"] = str(outcome["revoked"])
-                if outcome["revoked"]:
-                    # Read-your-writes: answer once Hearth's own holders have evicted the tokens.
-                    await request.app[DEVICESESSION].call(
-                        "POST", f"/internal/revocations/{outcome['revocation_id']}/applied")
-                break
-            except HearthError as exc:
-                if exc.status != 404:
-                    break
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.1)
+        revoked = await _revoked(request, change)
+        if revoked is not None:
+            headers["X-Hearth-Sessions-Revoked"] = str(revoked)
     return web.Response(status=204, headers=headers)
+
+
+async def _revoked(request: web.Request, change: Changed) -> int | None:
+    """The sessions the change revoked, once Hearth's own holders applied that; None when
+    devicesession could not tell in time. The committed event is handed to devicesession directly
+    (one call instead of waiting for its copy to travel through Kafka); that copy still comes, and
+    whichever of the two arrives second does nothing. Without the event in hand (an earlier try of
+    this request committed it), or when the call fails, wait for the consumed copy's revocation."""
+    ds = request.app[DEVICESESSION]
+    if change.envelope is not None:
+        try:
+            outcome = await ds.call("POST", "/internal/revocations/by-event", orjson.loads(change.envelope.encode()))
+            return int(outcome["revoked"])
+        except HearthError:
+            pass
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + _settings(request).revocation_wait
+    delay = 0.005
+    while loop.time() < deadline:
+        try:
+            outcome = await ds.call("GET", f"/internal/revocations?causing_event_id={change.event_id}")
+            if outcome["revoked"]:
+                # Read-your-writes: answer once Hearth's own holders have evicted the tokens.
+                await ds.call("POST", f"/internal/revocations/{outcome['revocation_id']}/applied")
+            return int(outcome["revoked"])
+        except HearthError as exc:
+            if exc.status != 404:
+                return None
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.1)
+    return None
 
 
 async def reset_password(request: web.Request) -> web.Response:
     f = await plex.form(request)
     sign_out = plex.parse_bool(f.get("signOutDevices"))
-    event_id = await request.app[AUTH].reset_password(f.get("resetToken") or f.get("token"), f.get("password"),
-                                                      sign_out)
-    return await _changed(request, event_id, sign_out)
+    change = await request.app[AUTH].reset_password(f.get("resetToken") or f.get("token"), f.get("password"),
+                                                    sign_out)
+    return await _changed(request, change, sign_out)
 
 
 async def change_password(request: web.Request) -> web.Response:
     _, principal, _ = await _account_of(request)
     f = await plex.form(request)
     sign_out = plex.parse_bool(f.get("signOutDevices"))
-    event_id = await request.app[AUTH].change_password(
+    change = await request.app[AUTH].change_password(
         uuid.UUID(principal.account_id), principal.session_id, f.get("currentPassword"), f.get("password"),
         sign_out, client_address(request))
-    return await _changed(request, event_id, sign_out)
+    return await _changed(request, change, sign_out)
 
 
 # --------------------------------------------------------------------------------- internal
@@ -241,7 +259,8 @@ def path_account_id(request: web.Request) -> uuid.UUID:
 
 async def internal_account(request: web.Request) -> web.Response:
     internal_only(request)
-    account = await store.find_by_id(request.app[AUTH].pool, path_account_id(request))
+    account_id = path_account_id(request)
+    account = await store.find_by_id(request.app[AUTH].pool, account_id)
     if account is None:
         raise NotFound("no such account")
     return web.json_response(_account_json(account))

@@ -81,7 +81,8 @@ async def show(request: web.Request) -> web.Response:
 
 async def internal_status(request: web.Request) -> web.Response:
     internal_only(request)
-    return web.json_response(_status_json(await _tf(request).status(routes.path_account_id(request))))
+    account_id = routes.path_account_id(request)
+    return web.json_response(_status_json(await _tf(request).status(account_id)))
 
 
 async def _session(request: web.Request, account: store.Account, remember: bool) -> web.Response:

@@ -5,8 +5,9 @@ Endpoints (public on the edge): ``GET /devices.xml`` (``.json``), ``DELETE /devi
 and ``GET /api/resources`` (``services/devicesession/resources.py``), ``POST /oauth/introspect``
 (RFC 7662, holder credentials).
 Internal (``/internal/*``, bearer INTERNAL_API_SECRET): mint a session, revoke sessions, list and
-remove an account's devices, revocation outcome by causing event, acknowledgements of a revocation
-(docs/INTERNAL-API.md).
+remove an account's devices, apply a ``password.changed`` handed over by auth (ahead of its copy on
+Kafka, under the consumer's processed-events marker), revocation outcome by causing event,
+acknowledgements of a revocation (docs/INTERNAL-API.md).
 
 Topics in: ``auth.events`` (``password.changed``, ``passwords.changed``), ``revocations.applied``.
 Topics out (through the outbox): ``sessions.revoked`` (the fan-out every holder consumes),

@@ -75,9 +75,12 @@ async def purge_instances(app: web.Application) -> None:
 
 def auth_consumer(app: web.Application) -> ConsumerRunner:
     s = app[SETTINGS]
+    # The same handlers and consumer name serve POST /internal/revocations/by-event (auth hands over
+    # a password change ahead of its copy on Kafka): whichever comes second does nothing.
+    app[routes.REVOKER] = routes.Revoker(s.group("devicesession.revoker"), events.make_auth_handler(app[routes.TOPICS]))
     return ConsumerRunner(
-        bootstrap=s.kafka_bootstrap_servers, group=s.group("devicesession.revoker"), topics=[s.topic(AUTH_EVENTS)],
-        handler=events.make_auth_handler(app[routes.TOPICS]), producer=app[PRODUCER], pool=app[POOL],
+        bootstrap=s.kafka_bootstrap_servers, group=app[routes.REVOKER].consumer, topics=[s.topic(AUTH_EVENTS)],
+        handler=app[routes.REVOKER].handlers, producer=app[PRODUCER], pool=app[POOL],
     )
 
 

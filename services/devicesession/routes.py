@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import logging
 import re
 import time
@@ -11,13 +12,17 @@ from datetime import UTC, datetime
 
 import asyncpg
 from aiohttp import web
+from prometheus_client import Counter
 
 from services.devicesession import service, store
 from services.devicesession.errors import DeviceNotFound, HolderUnauthorized, InvalidMint, InvalidToken
 from services.devicesession.settings import Settings
 from shared import plex
 from shared.app import POOL, SettingsOf, internal_only, json_object
+from shared.consumer import apply_once
+from shared.dispatch import EventHandlers
 from shared.errors import NotFound, ValidationFailed
+from shared.events import Envelope, PasswordChanged, decode_data
 from shared.holder import holder_secret
 from shared.tokens import same
 
@@ -27,6 +32,21 @@ TOPICS = web.AppKey("topics", service.Topics)
 # dies loses at most TOUCH_INTERVAL seconds of "last seen", which decides nothing.
 TOUCHES = web.AppKey("touches", dict)
 MINT_POOL = web.AppKey("mint_pool", asyncpg.Pool)
+
+
+@dataclasses.dataclass(frozen=True)
+class Revoker:
+    """The consumer of ``auth.events`` that turns password changes into revocations: its name (the
+    processed-events marker) and handlers, shared with POST /internal/revocations/by-event."""
+
+    consumer: str
+    handlers: EventHandlers
+
+
+REVOKER = web.AppKey("revoker", Revoker)
+DIRECT = Counter("hearth_devicesession_handed_over_total",
+                 "password.changed events auth handed over directly: applied by that call, or already by the consumer",
+                 ["outcome"])
 
 
 _settings = SettingsOf(Settings)
@@ -186,6 +206,33 @@ async def remove_account_device(request: web.Request) -> web.Response:
     n, rid = removed
     missing = await _await_applied(request, rid)
     return web.json_response({"revoked": n, "revocation_id": rid, "not_applied_by": missing})
+
+
+async def revoke_for_event(request: web.Request) -> web.Response:
+    """auth hands over the ``password.changed`` envelope it has just committed, so that the sign-out
+    need not wait for the event's trip through Kafka: it is applied here by the consumer's own
+    handler under the consumer's processed-events marker, so whichever comes second (this call or
+    the consumed copy) does nothing. Answers like a revoke, once Hearth's own holders applied it."""
+    _internal(request)
+    try:
+        env = Envelope.decode(await request.read())
+        if env.type != PasswordChanged.TYPE:
+            raise ValueError(f"not a {PasswordChanged.TYPE} event")
+        event = decode_data(env, PasswordChanged)
+        uuid.UUID(event.account_id)
+        if event.keep_session_id:
+            uuid.UUID(event.keep_session_id)
+    except (ValueError, TypeError) as exc:  # checked before anything is written
+        raise InvalidMint(f"the body must be a {PasswordChanged.TYPE} event envelope ({exc})"[:300]) from None
+    revoker = request.app[REVOKER]
+    fresh = await apply_once(request.app[POOL], revoker.consumer, revoker.handlers, env)
+    DIRECT.labels("applied" if fresh else "already").inc()
+    row = await store.find_revocation_by_cause(request.app[POOL], env.id)
+    if row is None or not row["revoked"]:
+        return web.json_response({"revoked": 0, "revocation_id": str(row["id"]) if row else None,
+                                  "not_applied_by": []})
+    missing = await _await_applied(request, str(row["id"]))
+    return web.json_response({"revoked": row["revoked"], "revocation_id": str(row["id"]), "not_applied_by": missing})
 
 
 async def revocation_outcome(request: web.Request) -> web.Response:
@@ -359,6 +406,7 @@ def setup_routes(app: web.Application) -> None:
     r.add_get("/internal/accounts/{account_id}/devices", list_account_devices)
     r.add_delete("/internal/accounts/{account_id}/devices/{device_id}", remove_account_device)
     r.add_get("/internal/revocations", revocation_outcome)
+    r.add_post("/internal/revocations/by-event", revoke_for_event)
     r.add_get("/internal/revocations/{revocation_id}/acks", revocation_acks)
     r.add_post("/internal/revocations/{revocation_id}/applied", await_revocation_applied)
     r.add_get("/internal/incidents/{incident_id}/revocations", incident_revocations)

@@ -231,6 +231,41 @@ async def test_change_password_with_and_without_signing_out_devices(stack: Stack
     assert len(changes) == 2  # exactly once per change
 
 
+async def hashes_started(stack: Stack) -> float:
+    """hearth_password_hashes_total (argon2 computations started), summed over auth's replicas."""
+    total = 0.0
+    async with aiohttp.ClientSession() as http:
+        for key in stack.replica_keys("auth"):
+            async with http.get(f"http://127.0.0.1:{stack.ports[key]}/metrics") as r:
+                total += sum(float(line.split()[-1]) for line in (await r.text()).splitlines()
+                             if line.startswith("hearth_password_hashes_total "))
+    return total
+
+
+async def test_a_change_hashes_beside_the_verify_and_a_refused_one_hashes_nothing(stack: Stack) -> None:
+    """The new password's hash runs beside the current one's verify (a change waits for one argon2
+    time): a wrong current password costs the two and changes nothing; once the account is blocked,
+    an attempt is refused before any argon2 starts."""
+    a = await sign_up(stack)
+    _, body, _ = await sign_in(stack, a["username"], client="phone")
+    me = body["authToken"]
+
+    async def change(current: str) -> tuple[int, dict, dict]:  # type: ignore[type-arg]
+        return await edge_json(stack, "PUT", "/api/v2/user/password", headers={"X-Plex-Token": me},
+                               data={"currentPassword": current, "password": "a fresh passphrase 42"})
+
+    before = await hashes_started(stack)
+    for _ in range(6):  # the 6th failure starts the block
+        assert (await change("wrong one!!"))[0] == 401
+    assert await hashes_started(stack) - before == 12
+    status, body, headers = await change(PASSWORD)
+    assert status == 429 and int(headers["Retry-After"]) >= 1
+    assert await hashes_started(stack) - before == 12
+    assert (await sign_in(stack, a["username"], client="tv"))[0] == 429  # the same budget as sign-in
+    await asyncio.sleep(int(headers["Retry-After"]) + 0.2)
+    assert (await sign_in(stack, a["username"], client="tv"))[0] == 201  # the password did not change
+
+
 async def all_status(stack: Stack, tokens: list[str], status: int) -> bool:
     return all([await user_status(stack, t) == status for t in tokens])
 
@@ -251,7 +286,7 @@ async def test_nothing_is_published_when_the_transaction_fails(stack: Stack, tap
         async with auth.pool.acquire() as conn:
             with pytest.raises(RuntimeError):
                 async with conn.transaction():
-                    event_id = await auth._change(conn, account, "-$broken", cause="change", revoke=True, keep=None)
+                    event_id = (await auth._change(conn, account, "-$broken", cause="change", revoke=True, keep=None)).event_id
                     raise RuntimeError("the transaction fails after the event was written")
             assert await conn.fetchval("SELECT count(*) FROM outbox WHERE event_id = $1", uuid.UUID(event_id)) == 0
     finally:

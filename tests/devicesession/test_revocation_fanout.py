@@ -316,3 +316,107 @@ async def test_hearth_fanout_shows_each_holder_applying_and_a_summary(stack: Sta
             assert f"applied by {holder}/{inst} in" in out, out
             assert re.search(rf"^{holder}/{inst}\s+1\s", out, re.M), out
     assert re.search(r"all \d+ holders applied on all \d+ instances", out), out
+
+
+async def revocations_published(stack: Stack, event_ids: list[str]) -> dict[str, int]:
+    """How many ``sessions.revoked`` on the topic name each of ``event_ids`` as their cause."""
+    consumer = AIOKafkaConsumer(stack.topic_prefix + SESSIONS_REVOKED, bootstrap_servers=stack.kafka_bootstrap,
+                                auto_offset_reset="earliest", group_id=f"check-{uuid.uuid4().hex[:6]}")
+    await consumer.start()
+    found = dict.fromkeys(event_ids, 0)
+    try:
+        for _ in range(10):
+            for records in (await consumer.getmany(timeout_ms=300)).values():
+                for r in records:
+                    for e in event_ids:
+                        found[e] += str(e).encode() in r.value
+    finally:
+        await consumer.stop()
+    return found
+
+
+async def hand_over(stack: Stack, env: object) -> tuple[int, dict[str, object]]:
+    async with aiohttp.ClientSession() as http:
+        async with http.post(stack.url("devicesession") + "/internal/revocations/by-event", data=env.encode(),  # type: ignore[attr-defined]
+                             headers={"Authorization": f"Bearer {stack.env['INTERNAL_API_SECRET']}",
+                                      "Content-Type": "application/json"}) as r:
+            return r.status, dict(await r.json())
+
+
+async def handed_over_total(stack: Stack) -> dict[str, float]:
+    """hearth_devicesession_handed_over_total by outcome, summed over devicesession's replicas."""
+    totals: dict[str, float] = {}
+    async with aiohttp.ClientSession() as http:
+        for key in stack.replica_keys("devicesession"):
+            async with http.get(f"http://127.0.0.1:{stack.ports[key]}/metrics") as r:
+                for m in re.finditer(r'^hearth_devicesession_handed_over_total\{outcome="(\w+)"\} (\S+)$',
+                                     await r.text(), re.M):
+                    totals[m[1]] = totals.get(m[1], 0.0) + float(m[2])
+    return totals
+
+
+async def test_a_handed_over_password_change_and_its_consumed_copy_revoke_once(stack: Stack) -> None:
+    """auth hands its committed password.changed to devicesession directly, and the same event also
+    arrives through Kafka: in either order, and at the same moment, the sessions are revoked once,
+    one sessions.revoked is published, and both paths report the same revocation."""
+    before = await handed_over_total(stack)
+    cases = []
+    for order in ("direct first", "consumed first", "together", "together", "together"):
+        acct = str(uuid.uuid4())
+        keep, *others = [await mint(stack, acct, f"dev-{i}") for i in range(3)]
+        for port in holder_ports(stack):
+            assert await library_status(port, str(others[0]["token"])) == 200
+        ev = envelope(PasswordChanged(account_id=acct, email="x@example.org", username="x", cause="change",
+                                      revoke_sessions=True, keep_session_id=str(keep["session_id"])),
+                      producer="tests", key=acct)
+        if order == "direct first":
+            status, body = await hand_over(stack, ev)
+            # answered once Hearth's own holders applied it: the sample holders follow at once
+            assert status == 200 and body["revoked"] == 2 and body["not_applied_by"] == [], body
+            await publish_password_changed(stack, acct, revoke=True, env=ev)
+        elif order == "consumed first":
+            await publish_password_changed(stack, acct, revoke=True, env=ev)
+            await eventually(lambda: _outcome_found(stack, ev.id), timeout=10)
+            status, body = await hand_over(stack, ev)
+        else:
+            (status, body), _ = await asyncio.gather(hand_over(stack, ev),
+                                                     publish_password_changed(stack, acct, revoke=True, env=ev))
+        assert status == 200 and body["revoked"] == 2, (order, body)
+        cases.append((ev, body, keep, others))
+    await asyncio.sleep(1.5)  # every consumed copy has arrived by now
+    published = await revocations_published(stack, [str(ev.id) for ev, *_ in cases])
+    assert set(published.values()) == {1}, published
+    for ev, body, keep, others in cases:
+        status, outcome = await revocation_outcome(stack, ev.id)
+        assert status == 200 and outcome["revocation_id"] == body["revocation_id"] and outcome["revoked"] == 2
+        for s in others:
+            assert (await introspect(stack, str(s["token"])))["active"] is False
+        assert (await introspect(stack, str(keep["token"])))["active"] is True
+    after = await handed_over_total(stack)
+    assert after.get("applied", 0) - before.get("applied", 0) + after.get("already", 0) - before.get("already", 0) == 5
+    assert after.get("already", 0) - before.get("already", 0) >= 1  # the consumed-first case at least
+
+
+async def _outcome_found(stack: Stack, event_id: object) -> bool:
+    return (await revocation_outcome(stack, event_id))[0] == 200
+
+
+async def test_a_password_change_with_sign_out_publishes_one_revocation(stack: Stack) -> None:
+    """Through the edge: the change answers with the sessions it revoked (handed to devicesession
+    directly), and its event, consumed later, revokes and publishes nothing more."""
+    from hearth_testing.client import HearthStack
+
+    hs = HearthStack(edge_url=stack.edge_url, devicesession_url=stack.url("devicesession"),
+                     kafka_bootstrap=stack.kafka_bootstrap, topic_prefix=stack.topic_prefix,
+                     internal_api_secret=stack.env["INTERNAL_API_SECRET"], mode="launcher")
+    account = await asyncio.to_thread(hs.sign_up)
+    held = await asyncio.to_thread(hs.sign_in, account.username, account.password, "tv-one-revocation")
+    before = await handed_over_total(stack)
+    event_id = await asyncio.to_thread(hs.change_password, account)
+    assert await asyncio.to_thread(hs.user_status, held) == 401
+    after = await handed_over_total(stack)
+    assert after.get("applied", 0) + after.get("already", 0) == before.get("applied", 0) + before.get("already", 0) + 1
+    await asyncio.sleep(1.5)
+    assert await revocations_published(stack, [event_id]) == {event_id: 1}
+    status, outcome = await revocation_outcome(stack, event_id)
+    assert status == 200 and outcome["revoked"] >= 1  # the held session (and any other but the changing one)

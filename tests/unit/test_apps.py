@@ -104,6 +104,46 @@ async def test_devicesession_internal_and_holder_routes_need_their_credentials(s
     assert r.status == 401
 
 
+@pytest.mark.app("auth")
+async def test_auth_internal_routes_need_the_secret_and_an_account_id(service: TestClient) -> None:
+    """Every /internal route with an ``{account_id}``: 401 without the secret; with it, a path that is
+    not a UUID is "no such account" (404), decided before the pool is reached."""
+    secret = {"Authorization": f"Bearer {COMMON['internal_api_secret']}"}
+    routes = [("GET", "/internal/accounts/{}"), ("POST", "/internal/accounts/{}/reset-required"),
+              ("GET", "/internal/accounts/{}/two-factor"), ("POST", "/internal/accounts/{}/passkeys/options"),
+              ("POST", "/internal/accounts/{}/passkeys"), ("GET", "/internal/accounts/{}/passkeys"),
+              ("DELETE", "/internal/accounts/{}/passkeys/1")]
+    for method, path in routes:
+        r = await service.request(method, path.format("0b4e7a0e-5b8a-4c1e-9d59-0c9f8b8a1a11"), json={})
+        assert r.status == 401, (method, path)
+        r = await service.request(method, path.format("not-a-uuid"), json={}, headers=secret)
+        assert r.status == 404, (method, path, await r.text())
+    r = await service.get("/internal/accounts", headers=secret)  # no login
+    assert r.status == 400
+
+
+@pytest.mark.app("devicesession")
+async def test_devicesession_refuses_a_handed_over_event_that_is_not_a_password_change(service: TestClient) -> None:
+    """POST /internal/revocations/by-event takes only a whole ``password.changed`` envelope, checked
+    before anything is written."""
+    import uuid
+
+    from shared.events import AccountCreated, PasswordChanged, envelope
+
+    path = "/internal/revocations/by-event"
+    secret = {"Authorization": f"Bearer {COMMON['internal_api_secret']}"}
+    change = envelope(PasswordChanged(account_id=str(uuid.uuid4()), email="a@example.org", username="a",
+                                      cause="change", revoke_sessions=True, keep_session_id=None,
+                                      changed_at="2026-12-02T00:00:00+00:00"), producer="auth", key="k")
+    assert (await service.post(path, data=change.encode())).status == 401
+    created = envelope(AccountCreated(account_id=str(uuid.uuid4()), email="a@example.org", username="a"),
+                       producer="auth", key="k")
+    wrong_account = change.encode().replace(change.data["account_id"].encode(), b"nope")
+    for body in (b"", b"[]", b"{\"id\": 1}", created.encode(), wrong_account):
+        r = await service.post(path, data=body, headers={**secret, "Content-Type": "application/json"})
+        assert r.status == 400, (body[:60], await r.text())
+
+
 @pytest.mark.app("linkcode")
 async def test_linkcode_refuses_bad_input_before_touching_anything(service: TestClient) -> None:
     r = await service.post("/api/v2/pins?strong=maybe", headers={**JSON, "X-Plex-Client-Identifier": "c"})
