@@ -149,7 +149,8 @@ class InternalClient:
             if any(c in name + value for c in "\r\n") or ":" in name:
                 raise ValueError(f"bad header {name!r}")
             lines.append(f"{name}: {value}\r\n".encode("latin-1"))
-        payload = b"" if body is None else orjson.dumps(body)
+        # A JSON document already encoded (bytes, such as an event envelope) goes as it is.
+        payload = b"" if body is None else body if isinstance(body, bytes) else orjson.dumps(body)
         if body is not None:
             lines.append(b"Content-Type: application/json\r\n")
         lines.append(b"Content-Length: %d\r\n\r\n" % len(payload))

@@ -6,7 +6,6 @@ import asyncio
 import uuid
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from services.auth import store
@@ -201,7 +200,7 @@ async def _revoked(request: web.Request, change: Changed) -> int | None:
     ds = request.app[DEVICESESSION]
     if change.envelope is not None:
         try:
-            outcome = await ds.call("POST", "/internal/revocations/by-event", orjson.loads(change.envelope.encode()))
+            outcome = await ds.call("POST", "/internal/revocations/by-event", change.envelope.encode())
             return int(outcome["revoked"])
         except HearthError:
             pass
