@@ -194,14 +194,17 @@ _LOCKED = "locked AS (SELECT scope FROM throttles WHERE scope = ANY($1::text[]) 
 _waiting: dict[str, list[asyncio.Future[None]]] = {}
 
 
-def _wake(scopes: list[str]) -> None:
-    for scope in scopes:
+def _wake(scopes: list[str], places: list[int] | None = None) -> None:
+    """Wake the oldest waiters of each scope: one per place given back (``places``, one each when
+    None), so a coalesced settlement of n attempts lets n waiters try again, not one."""
+    for k, scope in enumerate(scopes):
         waiters = _waiting.get(scope)
-        while waiters:
+        left = 1 if places is None else places[k]
+        while waiters and left > 0:
             future = waiters.pop(0)
             if not future.done():
                 future.set_result(None)
-                break
+                left -= 1
         if not waiters:
             _waiting.pop(scope, None)
 
@@ -322,7 +325,7 @@ async def _settle_many(conn: asyncpg.Connection | asyncpg.Pool, settled: dict[st
         " FROM u JOIN locked l USING (scope) WHERE t.scope = u.scope",
         names, [settled[n][0] for n in names], [settled[n][1] for n in names],
     )
-    _wake(names)
+    _wake(names, [settled[n][0] for n in names])
 
 
 class Settler:

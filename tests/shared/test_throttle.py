@@ -121,3 +121,32 @@ async def test_coalesced_settlements_give_back_every_place_and_forgive_the_failu
         assert len(rows) == 9
     finally:
         await pool.close()
+
+
+async def test_a_coalesced_settlement_wakes_one_waiter_per_place_it_gives_back(scratch_db: str) -> None:
+    """Three attempts in flight fill a scope; three more wait (long enough for their polling to back
+    off to about a second). The three successes settle together (coalesced): each place given back
+    wakes a waiter at once, so all three waiters are admitted well before their next poll."""
+    pool = await asyncpg.create_pool(scratch_db, min_size=4, max_size=8)
+    try:
+        scope = [("signin:account:coalesced", 2)]  # two free failures: three attempts in flight at most
+        for _ in range(3):
+            assert await throttle.reserve(pool, scope, window=900) == 0
+        admitted: list[float] = []
+        loop = asyncio.get_running_loop()
+
+        async def waiter() -> None:
+            assert await throttle.reserve(pool, scope, window=900, busy_wait=30) == 0
+            admitted.append(loop.time())
+
+        waiting = [asyncio.create_task(waiter()) for _ in range(3)]
+        await asyncio.sleep(2.0)  # polls at 50, 100, 200, 400, 800 ms: the next one is about 1 s away
+        assert not admitted
+        settler = throttle.Settler(pool)
+        settled_at = loop.time()
+        await asyncio.gather(*(settler.settle(scope[0][0], []) for _ in range(3)))
+        await asyncio.wait_for(asyncio.gather(*waiting), 10)
+        assert max(admitted) - settled_at < 0.3, [round(t - settled_at, 3) for t in admitted]
+        assert await pool.fetchval("SELECT pending FROM throttles WHERE scope = $1", scope[0][0]) == 3
+    finally:
+        await pool.close()
