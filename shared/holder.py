@@ -154,6 +154,9 @@ class HolderKit:
         self.instance_id = instance or instance_id()
         self.max_staleness = max_staleness
         self._labels = (holder_id, self.instance_id)
+        # validate()'s counters, bound once: a labels() lookup cost more than the cached path's own work
+        self._lookups = {result: CACHE_LOOKUPS.labels(*self._labels, result)
+                         for result in ("hit", "negative_hit", "miss")}
         self.introspect_url = introspect_url
         self.auth = aiohttp.BasicAuth(holder_id, holder_secret)
         self.bootstrap = bootstrap
@@ -229,9 +232,9 @@ class HolderKit:
             entry = self._cache.get(key)
             if entry is not None and entry.expires > now:
                 self._cache.move_to_end(key)
-                CACHE_LOOKUPS.labels(*self._labels, "hit" if entry.principal else "negative_hit").inc()
+                self._lookups["hit" if entry.principal else "negative_hit"].inc()
                 return entry.principal
-        CACHE_LOOKUPS.labels(*self._labels, "miss").inc()
+        self._lookups["miss"].inc()
         pending = self._inflight.get(key)
         if pending is not None:
             return await asyncio.shield(pending)
