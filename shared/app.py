@@ -112,6 +112,22 @@ def _from_http_exception(exc: web.HTTPException) -> HearthError:
     return HearthError(exc.reason, status=exc.status, code="http_error", plex_code=1000 + exc.status)
 
 
+# Methods that get a label of their own; any other that the HTTP parser knows (WebDAV's, PURGE, ...)
+# is "other", so a client sending them cannot multiply the metric's series by thirty.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+_http_children: dict[tuple[str, str, str, int], Any] = {}
+
+
+def _http_seconds(service: str, route: str, method: str, status: int) -> Any:
+    """HTTP_SECONDS' series for one request, bound once per (service, route, method, status): every
+    part is from a bounded set (routes are the app's own patterns or "unmatched")."""
+    key = (service, route, method if method in _METHODS else "other", status)
+    child = _http_children.get(key)
+    if child is None:
+        child = _http_children[key] = HTTP_SECONDS.labels(key[0], key[1], key[2], str(status))
+    return child
+
+
 @web.middleware
 async def request_context(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -137,7 +153,7 @@ async def request_context(
         elapsed = time.perf_counter() - started
         route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
         service = service_name(request.app)
-        HTTP_SECONDS.labels(service, route, request.method, str(status)).observe(elapsed)
+        _http_seconds(service, route, request.method, status).observe(elapsed)
         if route not in ("/metrics", "/healthz", "/readyz"):
             # The path only: query strings can carry tokens (claim exchange, X-Plex-Token).
             log.info(

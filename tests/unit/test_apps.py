@@ -190,3 +190,23 @@ def test_the_edge_and_the_services_agree_on_each_paths_error_family(path: str) -
     edge = next((family for rx, family in rules if re.search(rx, line)), "web")
     service = error_family(make_mocked_request("GET", path))
     assert edge == {"problem": "web"}.get(service, service), (path, edge, service)
+
+
+@pytest.mark.app("devicesession")
+async def test_unusual_methods_share_one_metric_series(service: TestClient) -> None:
+    """Methods the HTTP parser knows but Hearth does not serve (WebDAV's, PURGE, ...) share the
+    ``other`` series of ``hearth_http_request_seconds`` instead of adding one each."""
+    from prometheus_client import REGISTRY
+
+    def methods() -> set[str]:
+        return {s.labels["method"] for m in REGISTRY.collect() if m.name == "hearth_http_request_seconds"
+                for s in m.samples if s.name.endswith("_count")}
+
+    unusual = ["PROPFIND", "MKCOL", "COPY", "MOVE", "LOCK", "UNLOCK", "PURGE", "REPORT", "SEARCH", "LINK"]
+    for method in unusual:
+        r = await service.request(method, "/oauth/introspect")
+        assert r.status == 405, (method, r.status)
+    r = await service.get("/healthz")
+    seen = methods()
+    assert "other" in seen and "GET" in seen
+    assert not seen & set(unusual), seen
