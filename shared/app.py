@@ -136,6 +136,7 @@ async def request_context(
     if not _REQUEST_ID.match(rid):
         rid = uuid.uuid4().hex
     token = logs.request_id.set(rid)
+    trace = logs.trace_id.set(logs.trace_of(request.headers.get("traceparent")) or logs.new_trace_id(rid))
     started = time.perf_counter()
     status = 500
     try:
@@ -161,6 +162,7 @@ async def request_context(
                 extra={"method": request.method, "path": request.path[:200], "status": status,
                        "ms": round(elapsed * 1000, 2)},
             )
+        logs.trace_id.reset(trace)
         logs.request_id.reset(token)
 
 

@@ -488,44 +488,46 @@ class ConsumerRunner:
         if self.types is not None and env.type not in self.types:
             CONSUMED.labels(self.group, env.type, "skipped").inc()
             return
-        token = logs.event_id.set(str(env.id))
-        try:
-            EVENT_AGE.labels(self.group).observe(max(0.0, time.time() - env.occurred_at.timestamp()))
-            last_error = ""
-            attempt = 0
-            outage = 0
-            while attempt < self.max_attempts:
-                attempt += 1
-                started = time.perf_counter()
-                try:
-                    outcome = await self._apply(env)
-                    HANDLE_SECONDS.labels(self.group).observe(time.perf_counter() - started)
-                    CONSUMED.labels(self.group, env.type, outcome).inc()
-                    return
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    last_error = f"{type(exc).__name__}: {exc}"
-                    if infrastructure_failure(exc):
-                        # Wait for the database to come back; this does not use up the event's attempts.
-                        attempt -= 1
-                        outage += 1
-                        if outage in (1, 10) or outage % 100 == 0:
-                            log.warning("database unavailable; event held until it is back",
-                                        extra={"group": self.group, "type": env.type, "error": last_error})
-                        await asyncio.sleep(min(2.0, 0.1 * outage) * (0.5 + random.random() / 2))
-                        continue
-                    log.warning(
-                        "event handler failed",
-                        extra={"group": self.group, "type": env.type, "attempt": attempt, "error": last_error},
-                    )
-                    if attempt < self.max_attempts:
-                        delay = min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1))
-                        await asyncio.sleep(delay * (0.5 + random.random() / 2))
-            CONSUMED.labels(self.group, env.type, "dead_letter").inc()
-            await self._dead_letter(record, last_error, attempts=self.max_attempts)
-        finally:
-            logs.event_id.reset(token)
+        with logs.handling_event(str(env.id), env.trace):
+            await self._handle_decoded(record, env)
+
+    async def _handle_decoded(self, record: ConsumerRecord[Any, Any], env: Envelope) -> None:
+        """One decoded event through the handler: retried with backoff, held while the database is
+        down, dead-lettered after ``max_attempts``."""
+        EVENT_AGE.labels(self.group).observe(max(0.0, time.time() - env.occurred_at.timestamp()))
+        last_error = ""
+        attempt = 0
+        outage = 0
+        while attempt < self.max_attempts:
+            attempt += 1
+            started = time.perf_counter()
+            try:
+                outcome = await self._apply(env)
+                HANDLE_SECONDS.labels(self.group).observe(time.perf_counter() - started)
+                CONSUMED.labels(self.group, env.type, outcome).inc()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                last_error = f"{type(exc).__name__}: {exc}"
+                if infrastructure_failure(exc):
+                    # Wait for the database to come back; this does not use up the event's attempts.
+                    attempt -= 1
+                    outage += 1
+                    if outage in (1, 10) or outage % 100 == 0:
+                        log.warning("database unavailable; event held until it is back",
+                                    extra={"group": self.group, "type": env.type, "error": last_error})
+                    await asyncio.sleep(min(2.0, 0.1 * outage) * (0.5 + random.random() / 2))
+                    continue
+                log.warning(
+                    "event handler failed",
+                    extra={"group": self.group, "type": env.type, "attempt": attempt, "error": last_error},
+                )
+                if attempt < self.max_attempts:
+                    delay = min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1))
+                    await asyncio.sleep(delay * (0.5 + random.random() / 2))
+        CONSUMED.labels(self.group, env.type, "dead_letter").inc()
+        await self._dead_letter(record, last_error, attempts=self.max_attempts)
 
     async def _apply_batch(self, records: list[ConsumerRecord[Any, Any]]) -> bool:
         """Apply ``records`` in order in one transaction; False (and nothing written) when one does
@@ -557,11 +559,8 @@ class ConsumerRunner:
                         outcomes.append((env, "duplicate"))
                         continue
                     fresh.discard(env.id)  # the same event twice in one batch: the second is a duplicate
-                    token = logs.event_id.set(str(env.id))
-                    try:
+                    with logs.handling_event(str(env.id), env.trace):
                         await self.handler(conn, env)  # type: ignore[call-arg, arg-type]
-                    finally:
-                        logs.event_id.reset(token)
                     outcomes.append((env, "handled"))
         except asyncio.CancelledError:
             raise

@@ -26,6 +26,8 @@ from typing import Any, ClassVar, TypeVar
 
 import orjson
 
+from shared import logs
+
 # Topic names, before the configured prefix.
 AUTH_EVENTS = "auth.events"
 DEVICESESSION_EVENTS = "devicesession.events"
@@ -132,7 +134,7 @@ def envelope(event: Event, *, producer: str, key: str, trace: dict[str, str] | N
         producer=producer,
         key=key,
         data=data,
-        trace=trace or {},
+        trace=trace if trace is not None else logs.trace_context(),
     )
 
 

@@ -62,7 +62,7 @@ from aiohttp import web
 from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
 from prometheus_client import Counter, Gauge, Histogram
 
-from shared import kafka
+from shared import kafka, logs
 from shared.consumer import ConsumeLoop
 from shared.errors import Unavailable
 from shared.events import (
@@ -383,6 +383,11 @@ class HolderKit:
             # We cannot tell what it covered: trust nothing we hold.
             self.drop_cache("undecodable revocation")
             return
+        with logs.handling_event(str(env.id), env.trace):
+            await self._applied(env, rev)
+
+    async def _applied(self, env: Envelope, rev: SessionsRevoked) -> None:
+        """Evict what ``rev`` covers, run the holder's own hook, acknowledge (with the revocation's trace)."""
         evicted = self.apply(rev)
         if self.on_revocation is not None:
             # The holder's own in-memory state. It must not be skipped: retry, and if it keeps failing
@@ -401,6 +406,8 @@ class HolderKit:
         if len(self.applied) > 100_000:
             del self.applied[:50_000]
         REVOCATIONS_APPLIED_TOTAL.labels(*self._labels).inc()
+        log.info("revocation applied", extra={"holder": self.holder_id, "instance": self.instance_id,
+                                               "revocation_id": rev.revocation_id, "evicted": evicted})
         APPLY_LATENCY.labels(*self._labels).observe(max(0.0, (now - env.occurred_at).total_seconds()))
         ack = envelope(
             RevocationApplied(holder_id=self.holder_id, revocation_id=rev.revocation_id, applied_at=iso(now),

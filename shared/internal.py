@@ -145,6 +145,9 @@ class InternalClient:
         rid = logs.request_id.get()
         if rid:
             lines.append(f"X-Request-Id: {rid}\r\n".encode("latin-1"))
+        parent = logs.traceparent()
+        if parent:
+            lines.append(f"traceparent: {parent}\r\n".encode("latin-1"))
         for name, value in (headers or {}).items():
             if any(c in name + value for c in "\r\n") or ":" in name:
                 raise ValueError(f"bad header {name!r}")
