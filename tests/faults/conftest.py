@@ -16,13 +16,13 @@ from collections.abc import Iterator
 import pytest
 
 from deploy.launcher import Stack, remove_run_dir
-from tests.conftest import ROOT
+from tests.conftest import ROOT, _keep_logs
 
 FAULT_HOLDERS = ("alpha", "beta")
 
 
 @pytest.fixture(scope="session")
-def cluster() -> Iterator[Stack]:
+def cluster(request: pytest.FixtureRequest) -> Iterator[Stack]:
     run_id = uuid.uuid4().hex[:8]
     run_dir = ROOT / ".run" / f"faults-{run_id}"
     saved = {k: os.environ.pop(k) for k in ("DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS") if k in os.environ}
@@ -51,5 +51,7 @@ def cluster() -> Iterator[Stack]:
     finally:
         stack.stop()
         os.environ.update(saved)
+        if request.session.testsfailed:
+            _keep_logs(run_dir)  # the cluster's own logs (every replica, broker and holder instance)
         if os.environ.get("HEARTH_KEEP_TEST_RUN") != "1":
             remove_run_dir(run_dir)

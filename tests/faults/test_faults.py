@@ -242,7 +242,9 @@ async def check_changes(stack: Stack, record: Record, http: aiohttp.ClientSessio
 
 
 async def diagnose(stack: Stack, event_ids: list[str]) -> dict[str, object]:
-    """Where the events of committed changes are: auth's outbox, devicesession's processed events."""
+    """Where the events of committed changes are: auth's outbox, devicesession's processed events, and
+    what the revocation had to choose from: the event's time and kept session beside every session of
+    the account (created, revoked, why) and the account's cut-offs."""
     import asyncpg
 
     from shared.settings import with_database
@@ -258,6 +260,17 @@ async def diagnose(stack: Stack, event_ids: list[str]) -> dict[str, object]:
             rev = await ds.fetchrow("SELECT id, revoked FROM revocations WHERE causing_event_id = $1::uuid", eid)
             out[eid] = {"outbox": dict(row) if row else None, "processed": [dict(r) for r in seen],
                         "revocation": dict(rev) if rev else None}
+            payload = await auth.fetchval("SELECT payload FROM outbox WHERE event_id = $1::uuid", eid)
+            if payload is not None:
+                env = Envelope.decode(payload)
+                account = env.data.get("account_id")
+                out[eid]["event"] = {"occurred_at": env.occurred_at, "keep_session_id": env.data.get("keep_session_id")}  # type: ignore[index]
+                out[eid]["sessions"] = [dict(r) for r in await ds.fetch(  # type: ignore[index]
+                    "SELECT s.id, d.client_identifier, s.created_at, s.revoked_at, s.revoked_reason FROM sessions s"
+                    " JOIN devices d ON d.id = s.device_id WHERE s.account_id = $1::uuid ORDER BY s.created_at",
+                    account)]
+                out[eid]["cutoffs"] = [dict(r) for r in await ds.fetch(  # type: ignore[index]
+                    "SELECT * FROM account_cutoffs WHERE account_id = $1::uuid", account)]
     finally:
         await auth.close()
         await ds.close()
