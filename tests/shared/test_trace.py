@@ -93,3 +93,30 @@ async def test_one_trace_from_the_password_change_to_every_holder_instance(stack
                                              for line in p.read_text(errors="replace").splitlines()
                                              if tid in line and "revocation applied" in line])
     assert len(lines) == instances, lines
+
+
+async def test_crafted_traceparent_headers_are_ignored_through_the_edge(stack: Stack) -> None:
+    """Malformed, oversized, all-zero or odd-charactered trace headers change nothing: every request
+    on one keep-alive connection answers as without them (no 5xx), and the next one still works."""
+    import aiohttp
+
+    from hearth_testing.client import HearthStack
+
+    hs = HearthStack(edge_url=stack.edge_url, devicesession_url=stack.url("devicesession"),
+                     kafka_bootstrap=stack.kafka_bootstrap, topic_prefix=stack.topic_prefix,
+                     internal_api_secret=stack.env["INTERNAL_API_SECRET"], mode="launcher")
+    account = await asyncio.to_thread(hs.sign_up)
+    crafted = ["00-" + "0" * 32 + "-" + "1" * 16 + "-01", "00-" + "f" * 32 + "-" + "1" * 16 + "-01" + "x" * 4000,
+               "zz-not-a-trace", "00-\u00e9" + "a" * 31 + "-" + "1" * 16 + "-01", "", " " * 10, "00-" * 200]
+    connector = aiohttp.TCPConnector(limit=1)  # one connection: each request follows the last on it
+    async with aiohttp.ClientSession(connector=connector) as http:
+        for value in [*crafted, None]:
+            headers = {"X-Plex-Token": account.token, "X-Plex-Client-Identifier": "tests",
+                       "Accept": "application/json"}
+            if value is not None:
+                headers["traceparent"] = value
+            async with http.get(stack.edge_url + "/api/v2/user", headers=headers) as r:
+                body = await r.read()
+                assert r.status in (200, 400, 431), (value[:40] if value else value, r.status, body[:200])
+                if value is None or len(value) < 200:
+                    assert r.status == 200, (value, r.status, body[:200])
