@@ -121,15 +121,17 @@ async def purge(conn: asyncpg.Connection | asyncpg.Pool) -> None:
 # process that died before settling them, and no longer count.
 STALE_PENDING = 60.0
 _PENDING = f"(CASE WHEN t.pending_at < now() - interval '{STALE_PENDING:.0f} seconds' THEN 0 ELSE t.pending END)"
-_EXPIRED = "t.window_start < now() - make_interval(secs => $3)"
 
 
 def _reserve_sql(names: str = "$1::text[]", *, read: str = "", columns: str = "") -> str:
     """The reservation statement over the scope names ``names`` (an SQL array; $2 their allowances,
-    $3 the window). ``read`` adds a CTE read in the same statement, and ``columns`` its columns to
-    the answer (one row even when the read finds none)."""
+    $3 their windows in seconds). ``read`` adds a CTE read in the same statement, and ``columns`` its
+    columns to the answer (one row even when the read finds none)."""
     free_of = (f"(SELECT v.free FROM unnest({names}, $2::int[]) AS v(scope, free)"
                f" WHERE v.scope = t.scope LIMIT 1)")
+    window_of = (f"(SELECT v.w FROM unnest({names}, $3::float8[]) AS v(scope, w)"
+                 f" WHERE v.scope = t.scope LIMIT 1)")
+    expired = f"t.window_start < now() - make_interval(secs => {window_of})"
     # An attempt is admitted while the scope is not blocked and its failures plus the attempts in
     # flight stay within the allowance (past it: one attempt at a time after each block ends).
     admits = (f"((t.blocked_until IS NULL OR t.blocked_until <= now())"
@@ -137,7 +139,7 @@ def _reserve_sql(names: str = "$1::text[]", *, read: str = "", columns: str = ""
     return f"""
     WITH {read + ", " if read else ""}refusing AS (
         SELECT t.scope, t.blocked_until FROM throttles t
-        WHERE t.scope = ANY({names}) AND NOT {_EXPIRED} AND NOT {admits}
+        WHERE t.scope = ANY({names}) AND NOT {expired} AND NOT {admits}
     ), taken AS (
         INSERT INTO throttles AS t (scope, hits, window_start, pending, pending_at)
         SELECT u.scope, 0, now(), 1, now() FROM unnest({names}, $2::int[]) AS u(scope, free)
@@ -145,10 +147,10 @@ def _reserve_sql(names: str = "$1::text[]", *, read: str = "", columns: str = ""
         ON CONFLICT (scope) DO UPDATE SET
             pending = {_PENDING} + 1,
             pending_at = now(),
-            hits = CASE WHEN {_EXPIRED} THEN 0 ELSE t.hits END,
-            blocked_until = CASE WHEN {_EXPIRED} THEN NULL ELSE t.blocked_until END,
-            window_start = CASE WHEN {_EXPIRED} THEN now() ELSE t.window_start END
-        WHERE {_EXPIRED} OR {admits}
+            hits = CASE WHEN {expired} THEN 0 ELSE t.hits END,
+            blocked_until = CASE WHEN {expired} THEN NULL ELSE t.blocked_until END,
+            window_start = CASE WHEN {expired} THEN now() ELSE t.window_start END
+        WHERE {expired} OR {admits}
         RETURNING t.scope
     )
     SELECT array(SELECT scope FROM taken) AS taken, array(SELECT scope FROM refusing) AS refusing,
@@ -166,24 +168,26 @@ class Reading:
     """A read done in the reservation's own statement, when a scope depends on it (sign-in: the
     account a login names decides the account's scope). ``cte`` is the CTE (``name AS (...)``),
     ``lead`` the SQL text of the scope it decides (it may read the CTE), with allowance ``free``,
-    put before the other scopes; ``columns`` what the answer returns of the CTE. Their parameters
-    start at $4 and are ``args``."""
+    put before the other scopes; ``more`` further scopes it decides, as (SQL text, allowance,
+    window or None for the reservation's), put after the lead; ``columns`` what the answer returns
+    of the CTE. Their parameters start at $4 and are ``args``."""
 
     cte: str
     lead: str
     free: int
     columns: str
     args: tuple[object, ...] = ()
+    more: tuple[tuple[str, int, int | None], ...] = ()
 
     @property
     def sql(self) -> str:
-        return _reading_sql(self.cte, self.lead, self.columns)
+        return _reading_sql(self.cte, (self.lead, *(m[0] for m in self.more)), self.columns)
 
 
 @functools.lru_cache(maxsize=64)
-def _reading_sql(cte: str, lead: str, columns: str) -> str:
+def _reading_sql(cte: str, leads: tuple[str, ...], columns: str) -> str:
     """A :class:`Reading`'s statement, built once per shape (a Reading is made per attempt)."""
-    return _reserve_sql(f"(ARRAY[{lead}]::text[] || $1::text[])", read=cte, columns=columns)
+    return _reserve_sql(f"(ARRAY[{', '.join(leads)}]::text[] || $1::text[])", read=cte, columns=columns)
 
 
 # Every statement that writes several scopes locks their rows in the order of their names (the
@@ -238,7 +242,8 @@ async def reserve(conn: asyncpg.Connection | asyncpg.Pool, scopes: list[tuple[st
     polls (with backoff) for those of other replicas. Settle every admitted attempt with
     :func:`fail`, :func:`settle` or :func:`release`. Returns 0 when admitted, else the seconds to
     wait."""
-    wait, _ = await _reserve(conn, _RESERVE, [s for s, _ in scopes], [f for _, f in scopes], (), window, busy_wait)
+    wait, _ = await _reserve(conn, _RESERVE, [s for s, _ in scopes], [f for _, f in scopes], [window] * len(scopes),
+                             (), busy_wait)
     return wait
 
 
@@ -248,17 +253,19 @@ async def reserve_reading(conn: asyncpg.Connection | asyncpg.Pool, reading: Read
     (one round trip instead of two). Returns the wait and the answer, whose ``names`` are the scopes
     reserved (to settle) and which carries ``reading.columns``; the read is the one of the statement
     that admitted or refused the attempt."""
-    return await _reserve(conn, reading.sql, [s for s, _ in scopes], [reading.free, *[f for _, f in scopes]],
-                          reading.args, window, busy_wait)
+    frees = [reading.free, *(m[1] for m in reading.more), *(f for _, f in scopes)]
+    windows = [window, *(window if m[2] is None else m[2] for m in reading.more), *([window] * len(scopes))]
+    return await _reserve(conn, reading.sql, [s for s, _ in scopes], frees, windows, reading.args, busy_wait)
 
 
 async def _reserve(conn: asyncpg.Connection | asyncpg.Pool, sql: str, names: list[str], frees: list[int],
-                   args: tuple[object, ...], window: int, busy_wait: float) -> tuple[float, asyncpg.Record]:
+                   windows: list[int], args: tuple[object, ...], busy_wait: float) -> tuple[float, asyncpg.Record]:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + busy_wait
     poll = 0.05
+    seconds = [float(w) for w in windows]
     while True:
-        row = await conn.fetchrow(sql, names, frees, float(window), *args)
+        row = await conn.fetchrow(sql, names, frees, seconds, *args)
         assert row is not None
         every = list(row["names"])
         taken = list(row["taken"])
@@ -326,6 +333,33 @@ async def _settle_many(conn: asyncpg.Connection | asyncpg.Pool, settled: dict[st
         names, [settled[n][0] for n in names], [settled[n][1] for n in names],
     )
     _wake(names, [settled[n][0] for n in names])
+
+
+async def settle_if(conn: asyncpg.Connection | asyncpg.Pool, clear_scope: str, release_scopes: list[tuple[str, int]],
+                    *, gated: str, gate: str, args: tuple[object, ...]) -> bool:
+    """:func:`settle` and a guarded write in one statement. ``gate`` is a CTE named ``gate`` that
+    writes and returns a row only when the attempt is good (its parameters start at $5 and are
+    ``args``); it runs before any throttle row is locked. ``clear_scope`` and ``release_scopes`` are
+    settled as by :func:`settle` either way; ``gated``, a scope this attempt reserved too, is cleared
+    (failures forgiven, place given back) only when the gate wrote, and is left to the caller
+    (:func:`fail` or :func:`release`) when it did not. Returns whether the gate wrote."""
+    settled = {clear_scope: (1, True), gated: (1, True), **{s: (1, False) for s, _ in release_scopes}}
+    names = sorted(settled)
+    done = await conn.fetchval(
+        f"WITH {gate}, locked AS (SELECT scope FROM throttles WHERE scope = ANY($1::text[])"
+        " AND (SELECT count(*) FROM gate) >= 0 ORDER BY scope FOR UPDATE),"
+        " u AS (SELECT * FROM unnest($1::text[], $2::int[], $3::bool[]) AS u(scope, n, clear)),"
+        " settled AS (UPDATE throttles t SET pending = greatest(t.pending - u.n, 0),"
+        " hits = CASE WHEN u.clear THEN 0 ELSE t.hits END,"
+        " blocked_until = CASE WHEN u.clear THEN NULL ELSE t.blocked_until END"
+        " FROM u JOIN locked l USING (scope) WHERE t.scope = u.scope AND (u.scope <> $4 OR EXISTS (SELECT 1 FROM gate))"
+        " RETURNING 1)"
+        " SELECT count(*) FROM gate",
+        names, [settled[n][0] for n in names], [settled[n][1] for n in names], gated, *args,
+    )
+    given = [n for n in names if done or n != gated]
+    _wake(given, [settled[n][0] for n in given])
+    return bool(done)
 
 
 class Settler:

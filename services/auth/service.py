@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import lru_cache
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import asyncpg
 
@@ -36,6 +36,7 @@ from services.auth.errors import (
     WeakPassword,
 )
 from services.auth.settings import Settings
+from services.auth.two_factor import TWO_FACTOR_ACCOUNT_SCOPE, TWO_FACTOR_LOGIN_SCOPE
 from shared import logs, throttle, tokens
 from shared.crypto import Sealer
 from shared.events import (
@@ -123,6 +124,25 @@ def _discard(job: asyncio.Future[Any] | None) -> None:
         job.add_done_callback(lambda done: done.cancelled() or done.exception())
 
 
+class Reserved(NamedTuple):
+    """A sign-in's reservation: the account the login names, the password's scopes, and, when a
+    one-time code came along, the code budget's scope and the sealed TOTP secret (None unless the
+    account has two-step verification on)."""
+
+    account: store.Account | None
+    scopes: list[tuple[str, int]]
+    code_scope: tuple[str, int] | None = None
+    sealed_secret: str | None = None
+
+
+def one_time_code(code: str | None) -> str | None:
+    """``code`` when it has the shape of a TOTP code (6 digits, spaces allowed), compacted; else None."""
+    if not code or len(code) > 64:
+        return None
+    compact = code.strip().replace(" ", "")
+    return compact if len(compact) == 6 and compact.isascii() and compact.isdigit() else None
+
+
 @dataclass(frozen=True)
 class Topics:
     auth_events: str
@@ -201,15 +221,21 @@ class Auth:
         return [(first, s.signin_free_failures_per_login),
                 (f"signin:addr:{address}", s.signin_free_failures_per_address)]
 
-    async def _reserve_login(self, login_norm: str, address: str) -> tuple[store.Account | None, list[tuple[str, int]]]:
-        """Sign-in's account lookup and its reservation (see _signin_scopes) in one statement."""
+    async def _reserve_login(self, login_norm: str, address: str, *, with_code: bool = False) -> Reserved:
+        """Sign-in's account lookup and its reservation (see _signin_scopes) in one statement; with
+        ``with_code`` (a one-time code came with the password), the code budget's place too."""
         s = self.s
+        code = store.CodeBudget(TWO_FACTOR_ACCOUNT_SCOPE, f"{TWO_FACTOR_LOGIN_SCOPE}{login_norm}",
+                                s.two_factor_free_failures, s.two_factor_window) if with_code else None
         reading = store.login_reading(login_norm, f"{_LOGIN_SCOPE}{login_norm}", _ACCOUNT_SCOPE,
-                                      s.signin_free_failures_per_login)
+                                      s.signin_free_failures_per_login, code)
         address_scope = (f"signin:addr:{address}", s.signin_free_failures_per_address)
         wait, row = await throttle.reserve_reading(self.counters, reading, [address_scope], window=s.signin_window)
         throttle.refuse_if_waiting(wait, SignInThrottled, "Too many failed attempts")
-        return store.account_of(row), [(row["names"][0], s.signin_free_failures_per_login), address_scope]
+        scopes = [(row["names"][0], s.signin_free_failures_per_login), address_scope]
+        if code is None:
+            return Reserved(store.account_of(row), scopes)
+        return Reserved(store.account_of(row), scopes, (row["names"][1], code.free), row["sealed_secret"])
 
     async def _reserve(self, scopes: list[tuple[str, int]]) -> None:
         """Reserve this attempt before hashing (atomically, in SQL): parallel guesses are held to the
@@ -220,9 +246,10 @@ class Auth:
     async def _failed(self, scopes: list[tuple[str, int]]) -> None:
         await throttle.fail(self.counters, scopes, window=self.s.signin_window, max_block=self.s.signin_max_block)
 
-    async def _succeeded(self, scopes: list[tuple[str, int]]) -> None:
-        """A right password: the account's failures are forgiven, the address's reserved attempt taken back."""
-        await self.settler.settle(scopes[0][0], scopes[1:])
+    async def _succeeded(self, scopes: list[tuple[str, int]], *, also: list[tuple[str, int]] | None = None) -> None:
+        """A right password: the account's failures are forgiven, the address's reserved attempt
+        taken back (and the places in ``also``)."""
+        await self.settler.settle(scopes[0][0], scopes[1:] + (also or []))
 
     async def authenticate(self, login: str | None, password: str | None, address: str,
                            verification_code: str | None = None) -> store.Account:
@@ -231,7 +258,11 @@ class Auth:
         if not login or not password or len(login) > 254 or len(password) > MAX_PASSWORD:
             raise BadCredentials()
         login_norm = normalise_login(login)
-        account, scopes = await self._reserve_login(login_norm, address)
+        # A current TOTP code beside the password: its budget is reserved in the password's statement,
+        # and a right code is used up in the settlement's (two statements in all, as without a code).
+        totp = one_time_code(verification_code)
+        account, scopes, code_scope, sealed = await self._reserve_login(login_norm, address, with_code=bool(totp))
+        reserved = scopes + ([code_scope] if code_scope else [])
         result: VerifyResult | None = None
         try:
             if account is None:
@@ -242,14 +273,19 @@ class Auth:
                 if not result.ok and not verification_code:
                     password, verification_code, result = await self._appended_code(account, password, result)
         except BaseException:
-            await throttle.release(self.counters, scopes)
+            await throttle.release(self.counters, reserved)
             raise
         if account is None or result is None or not result.ok:
             await self._failed(scopes)
+            if code_scope:  # a wrong password says nothing of the code: its place goes back uncounted
+                await throttle.release(self.counters, [code_scope])
             raise BadCredentials()
-        await self._succeeded(scopes)
-        if account.two_factor_on:
-            await self.two_factor.verify(account, verification_code)
+        if account.two_factor_on and code_scope and sealed and totp:
+            await self.two_factor.verify_reserved(account, totp, sealed, scopes, code_scope)
+        else:
+            await self._succeeded(scopes, also=[code_scope] if code_scope else None)
+            if account.two_factor_on:
+                await self.two_factor.verify(account, verification_code)
         if account.reset_required_at is not None:
             raise ResetRequired()
         if result.needs_rehash:

@@ -77,12 +77,38 @@ _ACCT_CTE = {column: f"acct AS (SELECT {_READ} FROM accounts WHERE {column} = $4
 _ACCT_LEAD = "coalesce($5 || (SELECT id::text FROM acct), $6)"
 
 
-def login_reading(login_norm: str, unknown_scope: str, account_scope_prefix: str, free: int) -> throttle.Reading:
+# A sign-in that carries a one-time code also reserves the code budget's scope ($7 + the account id,
+# else $8) and reads the sealed TOTP secret of an account with two-step verification on.
+_CODE_LEAD = "coalesce($7 || (SELECT id::text FROM acct), $8)"
+_CODE_ANSWER = (_ACCT_ANSWER + ", (SELECT sealed_secret FROM two_factor WHERE account_id = (SELECT id FROM acct)"
+                " AND enabled_at IS NOT NULL) AS sealed_secret")
+
+
+@dataclasses.dataclass(frozen=True)
+class CodeBudget:
+    """The code budget a sign-in with a one-time code reserves beside the password's: scope
+    ``account_prefix`` + the account id, or ``unknown_scope`` when the login names no account."""
+
+    account_prefix: str
+    unknown_scope: str
+    free: int
+    window: int
+
+
+def login_reading(login_norm: str, unknown_scope: str, account_scope_prefix: str, free: int,
+                  code: CodeBudget | None = None) -> throttle.Reading:
     """Sign-in's account lookup, done inside its throttle reservation (one round trip): the lead
     scope is ``account_scope_prefix`` + the account id when the login names an account, else
-    ``unknown_scope``; the answer carries the account's columns (all NULL when there is none)."""
+    ``unknown_scope``; the answer carries the account's columns (all NULL when there is none).
+    With ``code``, the code budget's scope is reserved second and the answer carries
+    ``sealed_secret`` (NULL unless two-step verification is on)."""
+    args: tuple[object, ...] = (login_norm, account_scope_prefix, unknown_scope)
+    if code is None:
+        return throttle.Reading(cte=_ACCT_CTE[login_column(login_norm)], lead=_ACCT_LEAD, free=free,
+                                columns=_ACCT_ANSWER, args=args)
     return throttle.Reading(cte=_ACCT_CTE[login_column(login_norm)], lead=_ACCT_LEAD, free=free,
-                            columns=_ACCT_ANSWER, args=(login_norm, account_scope_prefix, unknown_scope))
+                            columns=_CODE_ANSWER, args=(*args, code.account_prefix, code.unknown_scope),
+                            more=((_CODE_LEAD, code.free, code.window),))
 
 
 def account_of(row: asyncpg.Record) -> Account | None:

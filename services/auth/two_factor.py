@@ -9,11 +9,18 @@ Replay: accepting a code raises the account's ``last_used_step`` to the code's t
 conditional UPDATE (``WHERE last_used_step < step``), so a code is accepted once, whichever replica
 sees it; a code of an older step than one already used is refused too (RFC 6238, section 5.2).
 
-Wrong codes: every code attempt (sign-in, disable, regenerate, confirm) first reserves one attempt of
-the per-account budget in one statement that refuses while the account is blocked; past
-TWO_FACTOR_FREE_FAILURES attempts in TWO_FACTOR_WINDOW seconds each attempt blocks the account for
-2^n seconds (capped at SIGNIN_MAX_BLOCK), answered with 429 and Retry-After. A correct code clears
-the budget. Concurrent guesses therefore cannot exceed the budget.
+Wrong codes: every code attempt first takes its place in the per-account code budget, atomically,
+before the code is checked; past TWO_FACTOR_FREE_FAILURES wrong codes in TWO_FACTOR_WINDOW seconds
+each one blocks the account's codes for 2^n seconds (capped at SIGNIN_MAX_BLOCK), answered with 429
+and Retry-After. A correct code clears the budget. Concurrent guesses therefore cannot exceed it.
+- A sign-in with a 6-digit code reserves the code's place in the password's own reservation
+  statement (shared.throttle's reading with a further scope), which also reads the sealed secret;
+  a wrong password gives the place back uncounted, so guessing passwords never spends the code
+  budget. A right code uses its time step, clears the budget and settles the password's reservation
+  in one statement (:func:`shared.throttle.settle_if`): two statements per sign-in, as without two-step.
+- Other code attempts (a recovery code, the digits appended to the password, the web's second step,
+  disable, regenerate, confirm) count one attempt in one statement that refuses while blocked
+  (:func:`shared.throttle.count_attempt`), once the password is known to be right.
 
 Errors (Plex shape): 401 code 1029 "Please enter the verification code" when a code is needed and
 missing (python-plexapi raises TwoFactorRequired on those words), 401 code 1029 "The verification
@@ -63,6 +70,9 @@ RECOVERY_CODES = 10
 _RECOVERY_ALPHABET = "abcdefghjkmnpqrstuvwxyz23456789"
 _RECOVERY_LENGTH = 10
 _TOTP = re.compile(r"^\d{6}$")
+# The code budget's scopes: the account's, or (a code sent with a login that names no account) the login's.
+TWO_FACTOR_ACCOUNT_SCOPE = "2fa:account:"
+TWO_FACTOR_LOGIN_SCOPE = "2fa:login:"
 _APPENDED = re.compile(r"^(.+)(\d{6})$", re.DOTALL)
 
 
@@ -157,6 +167,11 @@ _STATUS_ANSWER = ", ".join(f"(SELECT {c} FROM tfs) AS {c}" for c in
 
 async def _status(conn: asyncpg.Connection | asyncpg.Pool, account_id: uuid.UUID) -> asyncpg.Record | None:
     return await conn.fetchrow(_STATUS_SQL, account_id)
+
+
+# settle_if's gate for a TOTP code ($5: the account, $6: the code's time step): the step is used once.
+_STEP_GATE = ("gate AS (UPDATE two_factor SET last_used_step = $6 WHERE account_id = $5 AND enabled_at IS NOT NULL"
+              " AND last_used_step < $6 RETURNING 1)")
 
 
 async def _use_step(conn: asyncpg.Connection | asyncpg.Pool, account_id: uuid.UUID, step: int, scope: str) -> bool:
@@ -309,7 +324,7 @@ class TwoFactor:
     # ------------------------------------------------------------------ codes
 
     def _scope(self, account_id: uuid.UUID) -> str:
-        return f"2fa:account:{account_id}"
+        return f"{TWO_FACTOR_ACCOUNT_SCOPE}{account_id}"
 
     async def _reserve(self, account_id: uuid.UUID) -> asyncpg.Record | None:
         """Count the attempt against the account's code budget; the account's two-step status (read
@@ -355,6 +370,33 @@ class TwoFactor:
                 await self._redeem(own, account, code, emit_recovery)
         await self._clear(account.id)
         return "recovery"
+
+    async def verify_reserved(self, account: store.Account, code: str, sealed: str, scopes: list[tuple[str, int]],
+                              code_scope: tuple[str, int]) -> None:
+        """Sign-in's second factor when its reservation already holds a place in the code budget
+        (``code_scope``) beside the password's ``scopes``, and read the sealed secret: a right code
+        uses its time step, forgives the code budget and settles the password's reservation in
+        one statement (committed durably: a used step must survive a crash). A wrong or replayed
+        code settles the password (it was right) and counts in the code budget. Raises
+        WrongVerificationCode."""
+        try:
+            step = matching_step(self._secret(account.id, sealed), code)
+        except SealError:
+            step = None  # a key was removed from TWO_FACTOR_SEAL_KEYS
+        if step is None:
+            await self.auth._succeeded(scopes)
+        else:
+            try:
+                used = await throttle.settle_if(self.pool, scopes[0][0], scopes[1:], gated=code_scope[0],
+                                                gate=_STEP_GATE, args=(account.id, step))
+            except Exception:
+                await throttle.release(self.auth.counters, [*scopes, code_scope])  # the statement wrote nothing
+                raise
+            if used:
+                return
+        await throttle.fail(self.auth.counters, [code_scope], window=self.s.two_factor_window,
+                            max_block=self.s.signin_max_block)
+        raise WrongVerificationCode()
 
     async def _redeem(self, conn: asyncpg.Connection, account: store.Account, code: str, emit: bool) -> None:
         left = await _redeem_recovery(conn, account.id, self._recovery_hmac(account.id, code))

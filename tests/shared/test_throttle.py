@@ -150,3 +150,54 @@ async def test_a_coalesced_settlement_wakes_one_waiter_per_place_it_gives_back(s
         assert await pool.fetchval("SELECT pending FROM throttles WHERE scope = $1", scope[0][0]) == 3
     finally:
         await pool.close()
+
+
+async def test_a_gated_settlement_clears_the_gated_scope_only_when_its_gate_wrote(scratch_db: str) -> None:
+    """settle_if (two-step sign-in's shape): the password's scopes are settled either way; the code
+    budget's reserved place is cleared with the gate's write (a time step used once), and left to the
+    caller when the gate wrote nothing (a replayed step)."""
+    pool = await asyncpg.create_pool(scratch_db, min_size=1, max_size=4)
+    try:
+        await pool.execute("CREATE TABLE steps (id int PRIMARY KEY, last int NOT NULL)")
+        await pool.execute("INSERT INTO steps VALUES (1, 0)")
+        gate = "gate AS (UPDATE steps SET last = $6 WHERE id = $5 AND last < $6 RETURNING 1)"
+        scopes = [("acct:g", 5), ("addr:g", 20), ("code:g", 5)]
+        await throttle.fail(pool, [("code:g", 5)], window=900, max_block=60)  # an earlier wrong code
+        assert await throttle.reserve(pool, scopes, window=900) == 0
+        assert await throttle.settle_if(pool, "acct:g", [("addr:g", 20)], gated="code:g", gate=gate, args=(1, 7))
+        rows = {r["scope"]: (r["hits"], r["pending"]) for r in await pool.fetch("SELECT * FROM throttles")}
+        assert rows == {"acct:g": (0, 0), "addr:g": (0, 0), "code:g": (0, 0)}
+        assert await pool.fetchval("SELECT last FROM steps") == 7
+        # The same step again: the gate writes nothing, the code's place stays for the caller to fail.
+        assert await throttle.reserve(pool, scopes, window=900) == 0
+        assert not await throttle.settle_if(pool, "acct:g", [("addr:g", 20)], gated="code:g", gate=gate, args=(1, 7))
+        rows = {r["scope"]: (r["hits"], r["pending"]) for r in await pool.fetch("SELECT * FROM throttles")}
+        assert rows == {"acct:g": (0, 0), "addr:g": (0, 0), "code:g": (0, 1)}
+        await throttle.fail(pool, [("code:g", 5)], window=900, max_block=60)
+        assert await pool.fetchval("SELECT hits FROM throttles WHERE scope = 'code:g'") == 1
+    finally:
+        await pool.close()
+
+
+async def test_a_reading_reserves_further_scopes_each_with_its_own_window(scratch_db: str) -> None:
+    """Reading.more: scopes decided by the read, reserved after the lead, each counting in its own
+    window (a code budget's window need not be the password's)."""
+    pool = await asyncpg.create_pool(scratch_db, min_size=1, max_size=2)
+    try:
+        await pool.execute("CREATE TABLE folks (id int PRIMARY KEY, login text UNIQUE)")
+        await pool.execute("INSERT INTO folks VALUES (3, 'cy')")
+        reading = throttle.Reading(cte="p AS (SELECT id FROM folks WHERE login = $4)",
+                                   lead="coalesce('p:' || (SELECT id::text FROM p), 'l:' || $4)", free=5,
+                                   columns="(SELECT id FROM p) AS id", args=("cy",),
+                                   more=(("coalesce('c:' || (SELECT id::text FROM p), 'lc:' || $4)", 1, 1),))
+        wait, row = await throttle.reserve_reading(pool, reading, [("a:cy", 5)], window=900)
+        assert wait == 0 and row["id"] == 3 and list(row["names"]) == ["p:3", "c:3", "a:cy"]
+        await throttle.fail(pool, [("p:3", 5), ("c:3", 1), ("a:cy", 5)], window=900, max_block=60)
+        # Two seconds on, c:3's window (1 s) has ended and counts from zero again; the others' (900 s) have not.
+        await pool.execute("UPDATE throttles SET window_start = now() - interval '2 seconds'")
+        wait, row = await throttle.reserve_reading(pool, reading, [("a:cy", 5)], window=900, busy_wait=0.2)
+        assert wait == 0
+        hits = {r["scope"]: r["hits"] for r in await pool.fetch("SELECT scope, hits FROM throttles")}
+        assert hits == {"p:3": 1, "c:3": 0, "a:cy": 1}
+    finally:
+        await pool.close()

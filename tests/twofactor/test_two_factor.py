@@ -211,6 +211,40 @@ async def test_concurrent_replays_of_one_code_sign_in_once(stack: Stack) -> None
     assert sorted(r[0] for r in results) == [201, 401, 401, 401]
 
 
+async def test_parallel_wrong_codes_are_held_to_the_code_budget(stack: Stack) -> None:
+    """Someone who has the password sends 14 code guesses at once: the code budget (5 free) admits
+    at most its free attempts plus one after them, whatever the parallelism; the rest wait, then get
+    429 with Retry-After. No guess is checked beyond the budget."""
+    a, secret, _, step = await account_with_2fa(stack)
+    valid = {code(secret, s) for s in range(step - 2, step + 6)}
+    guesses = [g for g in (f"{n:06d}" for n in range(100000, 100100)) if g not in valid][:14]
+    results = await asyncio.gather(*(edge_json(stack, "POST", "/api/v2/users/signin", data={
+        "login": a["username"], "password": PASSWORD, "verificationCode": g}) for g in guesses))
+    statuses = sorted(r[0] for r in results)
+    assert statuses.count(401) <= 6 and statuses.count(401) + statuses.count(429) == 14, statuses
+    assert all(int(r[2]["Retry-After"]) >= 1 for r in results if r[0] == 429)
+
+
+async def test_a_wrong_password_with_a_code_leaves_the_code_budget_alone(stack: Stack) -> None:
+    """The code's place is reserved with the password's, and given back uncounted when the password
+    is wrong: guessing passwords never spends the owner's code budget. A right code then signs in."""
+    a, secret, _, step = await account_with_2fa(stack)
+    for _ in range(3):
+        status, _, _ = await edge_json(stack, "POST", "/api/v2/users/signin", data={
+            "login": a["username"], "password": "not the password at all", "verificationCode": "123456"})
+        assert status == 401
+    conn = await auth_db(stack)
+    try:
+        row = await conn.fetchrow("SELECT hits, pending FROM throttles WHERE scope = $1",
+                                  f"2fa:account:{account_uuid(a['id'])}")
+    finally:
+        await conn.close()
+    assert row is None or (row["hits"], row["pending"]) == (0, 0), dict(row)
+    status, body, _ = await edge_json(stack, "POST", "/api/v2/users/signin", data={
+        "login": a["username"], "password": PASSWORD, "verificationCode": code(secret, max(step + 1, now_step()))})
+    assert status == 201, body
+
+
 async def test_no_plaintext_secret_or_recovery_code_in_the_database(stack: Stack) -> None:
     a, secret, codes, _ = await account_with_2fa(stack)
     conn = await auth_db(stack)
