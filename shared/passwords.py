@@ -16,8 +16,9 @@
   saturated sign-in drops (the README's benchmark section has the measured figures).
 - ``verify_dummy`` burns the same time as a real verification, for unknown logins.
 - ``in_flight`` counts hashes handed to the threads and not yet finished; ``on_settled`` callbacks
-  run (on the event loop, after the finishing caller has moved on) each time one finishes. Sign-in's
-  mint batcher uses both to know whether more sign-ins are about to need a session.
+  run (on the event loop, after the finishing caller has moved on) each time one finishes;
+  ``hash_seconds`` is a moving average of one hash's time on its thread. Sign-in's mint batcher
+  uses them to know whether more sign-ins are about to need a session, and how soon.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import hashlib
 import hmac
 import os
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -140,6 +142,7 @@ class Passwords:
         self.slots = asyncio.Semaphore(concurrency * 2)
         self.in_flight = 0
         self.on_settled: list[Callable[[], None]] = []
+        self.hash_seconds = 0.0  # a moving average of one hash's time on its thread (0 until the first)
         self._dummy = self._hash_sync("hearth dummy password for timing", self.current_pepper)
 
     def _prepare(self, password: str, pepper_id: str | None) -> str:
@@ -176,11 +179,20 @@ class Passwords:
             loop = asyncio.get_running_loop()
             self.in_flight += 1
             try:
-                return await loop.run_in_executor(self.executor, fn, *args)
+                return await loop.run_in_executor(self.executor, self._timed, fn, *args)
             finally:
                 self.in_flight -= 1
                 for callback in self.on_settled:
                     loop.call_soon(callback)
+
+    def _timed(self, fn: Callable[..., T], *args: Any) -> T:
+        started = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            took = time.perf_counter() - started
+            # One float store (atomic under the GIL); a lost update between threads costs nothing.
+            self.hash_seconds = took if not self.hash_seconds else self.hash_seconds * 0.9 + took * 0.1
 
     async def hash(self, password: str) -> str:
         return await self._run(self._hash_sync, password, self.current_pepper)

@@ -10,7 +10,7 @@ from pathlib import Path
 from aiohttp import web
 
 from services.auth import routes, store, two_factor
-from services.auth.minting import MintBatcher
+from services.auth.minting import MintBatcher, auto_window
 from services.auth.service import Auth, Topics, common_passwords
 from services.auth.settings import Settings
 from shared import cors, db, throttle
@@ -41,8 +41,9 @@ async def auth_ctx(app: web.Application) -> AsyncIterator[None]:
                                     server_settings={"synchronous_commit": "off"})
     app[routes.AUTH] = Auth(s, app[POOL], passwords, Topics(auth_events=s.topic(AUTH_EVENTS)), counters=counters)
     app[routes.DEVICESESSION] = InternalClient(s.devicesession_url, s.internal_api_secret.get_secret_value())
-    app[routes.MINTER] = MintBatcher(app[routes.DEVICESESSION], window=s.mint_batch_window_ms / 1000,
-                                     busy=lambda: passwords.in_flight)
+    window = (auto_window(lambda: passwords.hash_seconds, passwords.concurrency) if s.mint_batch_window_ms is None
+              else s.mint_batch_window_ms / 1000)
+    app[routes.MINTER] = MintBatcher(app[routes.DEVICESESSION], window=window, busy=lambda: passwords.in_flight)
     passwords.on_settled.append(app[routes.MINTER].settled)
     app[routes.BACKGROUND] = set()
     # Load the common-password list (about 40 ms) now rather than in the first sign-up or change.

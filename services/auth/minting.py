@@ -13,7 +13,11 @@ statement), so the batcher holds a mint while other sign-ins are still hashing, 
 - A lone mint goes to ``POST /internal/sessions``, the single-session route.
 - Each item succeeds or fails alone: a refused item raises its own error for its own sign-in; a
   failed call raises for every sign-in in the batch.
-- ``window`` 0 turns batching off.
+- ``window`` 0 turns batching off. It may be a function, read at each mint: with
+  MINT_BATCH_WINDOW_MS unset, app.py passes :func:`auto_window`, which holds for about three
+  hashes' worth of this process's throughput (3 x the average hash time / the hashing threads,
+  capped). A fixed window sized for two hashing threads lets a replica with one send most of its
+  mints alone, since fewer hashes finish within it.
 
 Per-process by design (issue 17): a batch holds only this replica's own sign-ins, which is all
 batching needs; nothing is shared with other replicas and nothing is lost with a replica but the
@@ -33,15 +37,26 @@ from shared.errors import HearthError, Unavailable
 from shared.internal import InternalClient
 
 MAX_BATCH = 32
+MAX_WINDOW = 0.2
+HASHES_PER_WINDOW = 3
 BATCH_SIZE = Histogram("hearth_auth_mint_batch_size", "Sign-in sessions minted per devicesession call",
                        buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32))
 
 
+def auto_window(hash_seconds: Callable[[], float], threads: int) -> Callable[[], float]:
+    """The default window: HASHES_PER_WINDOW hashes' worth of this process's hashing throughput
+    (40 ms until the first hash has been timed), at most MAX_WINDOW."""
+    def window() -> float:
+        seconds = hash_seconds()
+        return min(MAX_WINDOW, HASHES_PER_WINDOW * seconds / max(1, threads)) if seconds else 0.04
+    return window
+
+
 class MintBatcher:
-    def __init__(self, client: InternalClient, *, window: float, busy: Callable[[], int],
+    def __init__(self, client: InternalClient, *, window: float | Callable[[], float], busy: Callable[[], int],
                  max_batch: int = MAX_BATCH) -> None:
         self.client = client
-        self.window = window
+        self._window = window
         self.busy = busy
         self.max_batch = max_batch
         self._held: list[tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]] = []
@@ -49,9 +64,14 @@ class MintBatcher:
         self._sending: set[asyncio.Task[None]] = set()
         self.calls = 0  # devicesession calls made (for tests and metrics)
 
+    @property
+    def window(self) -> float:
+        return self._window() if callable(self._window) else self._window
+
     async def mint(self, body: dict[str, Any]) -> dict[str, Any]:
         """Mint one session (the body of ``POST /internal/sessions``); returns devicesession's answer."""
-        if self.window <= 0:
+        window = self.window
+        if window <= 0:
             self.calls += 1
             BATCH_SIZE.observe(1)
             answer: dict[str, Any] = await self.client.call("POST", "/internal/sessions", body)
@@ -62,7 +82,7 @@ class MintBatcher:
         if len(self._held) >= self.max_batch or self.busy() == 0:
             self._flush()
         elif self._timer is None:
-            self._timer = loop.call_later(self.window, self._flush)
+            self._timer = loop.call_later(window, self._flush)
         return await future
 
     def settled(self) -> None:

@@ -26,8 +26,9 @@ class Settings(CommonSettings):
     # preempts hashing at once; hashing still gets every otherwise idle cycle. 0 disables.
     argon2_nice: int = Field(default=10, ge=0, le=19)
     # Sign-in mints: while other sign-ins are still hashing, hold a finished sign-in's session mint
-    # up to this long so that mints close together go to devicesession as one call. 0 disables.
-    mint_batch_window_ms: float = Field(default=40.0, ge=0, le=200)
+    # up to this long so that mints close together go to devicesession as one call. 0 disables;
+    # unset, about three hashes' worth of this process's throughput (minting.auto_window).
+    mint_batch_window_ms: float | None = Field(default=None, ge=0, le=200)
     reset_token_ttl: int = 3600
     # How long a password change with sign-out waits for devicesession to confirm the revocation
     # before answering (seconds); the answer carries X-Hearth-Sessions-Revoked when confirmed.
