@@ -320,18 +320,21 @@ async def settle(conn: asyncpg.Connection | asyncpg.Pool, clear_scope: str, rele
     await _settle_many(conn, {name: (1, name == clear_scope) for name in names})
 
 
+# A settlement over the rows locked in ``locked``: $1 the scopes, $2 the places each gives back, $3
+# whether its failures are forgiven (the WHERE clause may be extended).
+_SETTLED_ROWS = "u AS (SELECT * FROM unnest($1::text[], $2::int[], $3::bool[]) AS u(scope, n, clear))"
+_SETTLE = ("UPDATE throttles t SET pending = greatest(t.pending - u.n, 0),"
+           " hits = CASE WHEN u.clear THEN 0 ELSE t.hits END,"
+           " blocked_until = CASE WHEN u.clear THEN NULL ELSE t.blocked_until END"
+           " FROM u JOIN locked l USING (scope) WHERE t.scope = u.scope")
+
+
 async def _settle_many(conn: asyncpg.Connection | asyncpg.Pool, settled: dict[str, tuple[int, bool]]) -> None:
     """Settle many successes at once: per scope, how many places are given back and whether its
     failures are forgiven."""
     names = sorted(settled)
-    await conn.execute(
-        f"WITH {_LOCKED}, u AS (SELECT * FROM unnest($1::text[], $2::int[], $3::bool[]) AS u(scope, n, clear))"
-        " UPDATE throttles t SET pending = greatest(t.pending - u.n, 0),"
-        " hits = CASE WHEN u.clear THEN 0 ELSE t.hits END,"
-        " blocked_until = CASE WHEN u.clear THEN NULL ELSE t.blocked_until END"
-        " FROM u JOIN locked l USING (scope) WHERE t.scope = u.scope",
-        names, [settled[n][0] for n in names], [settled[n][1] for n in names],
-    )
+    await conn.execute(f"WITH {_LOCKED}, {_SETTLED_ROWS} {_SETTLE}", names, [settled[n][0] for n in names],
+                       [settled[n][1] for n in names])
     _wake(names, [settled[n][0] for n in names])
 
 
@@ -348,12 +351,7 @@ async def settle_if(conn: asyncpg.Connection | asyncpg.Pool, clear_scope: str, r
     done = await conn.fetchval(
         f"WITH {gate}, locked AS (SELECT scope FROM throttles WHERE scope = ANY($1::text[])"
         " AND (SELECT count(*) FROM gate) >= 0 ORDER BY scope FOR UPDATE),"
-        " u AS (SELECT * FROM unnest($1::text[], $2::int[], $3::bool[]) AS u(scope, n, clear)),"
-        " settled AS (UPDATE throttles t SET pending = greatest(t.pending - u.n, 0),"
-        " hits = CASE WHEN u.clear THEN 0 ELSE t.hits END,"
-        " blocked_until = CASE WHEN u.clear THEN NULL ELSE t.blocked_until END"
-        " FROM u JOIN locked l USING (scope) WHERE t.scope = u.scope AND (u.scope <> $4 OR EXISTS (SELECT 1 FROM gate))"
-        " RETURNING 1)"
+        f" {_SETTLED_ROWS}, settled AS ({_SETTLE} AND (u.scope <> $4 OR EXISTS (SELECT 1 FROM gate)) RETURNING 1)"
         " SELECT count(*) FROM gate",
         names, [settled[n][0] for n in names], [settled[n][1] for n in names], gated, *args,
     )

@@ -36,7 +36,7 @@ from services.auth.errors import (
     WeakPassword,
 )
 from services.auth.settings import Settings
-from services.auth.two_factor import TWO_FACTOR_ACCOUNT_SCOPE, TWO_FACTOR_LOGIN_SCOPE
+from services.auth.two_factor import TWO_FACTOR_ACCOUNT_SCOPE, TWO_FACTOR_LOGIN_SCOPE, one_time_code
 from shared import logs, throttle, tokens
 from shared.crypto import Sealer
 from shared.events import (
@@ -133,14 +133,6 @@ class Reserved(NamedTuple):
     scopes: list[tuple[str, int]]
     code_scope: tuple[str, int] | None = None
     sealed_secret: str | None = None
-
-
-def one_time_code(code: str | None) -> str | None:
-    """``code`` when it has the shape of a TOTP code (6 digits, spaces allowed), compacted; else None."""
-    if not code or len(code) > 64:
-        return None
-    compact = code.strip().replace(" ", "")
-    return compact if len(compact) == 6 and compact.isascii() and compact.isdigit() else None
 
 
 @dataclass(frozen=True)

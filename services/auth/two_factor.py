@@ -120,6 +120,14 @@ class Status:
     enabled_at: datetime | None = None
 
 
+def one_time_code(code: str | None) -> str | None:
+    """``code`` when it has the shape of a TOTP code (6 ASCII digits, spaces allowed), compacted; else None."""
+    if not code or len(code) > 64:
+        return None
+    compact = code.strip().replace(" ", "")
+    return compact if len(compact) == DIGITS and compact.isascii() and compact.isdigit() else None
+
+
 def normalise_recovery(code: str) -> str:
     return re.sub(r"[\s-]", "", code).lower()
 
@@ -351,8 +359,8 @@ class TwoFactor:
         if len(code) > 64:
             raise WrongVerificationCode()
         row = await self._reserve(account.id)
-        compact = code.replace(" ", "")
-        if _TOTP.match(compact):
+        compact = one_time_code(code)
+        if compact is not None:
             if row is None or row["enabled_at"] is None:
                 raise WrongVerificationCode()
             try:
